@@ -1,0 +1,40 @@
+"""msae_ext: hierarchical (Matryoshka) sparse autoencoders for CLIP, as a sae-lens extension.
+
+Importing the package registers its architectures (msae, msae_relu, msae_topk, msae_batchtopk)
+with sae-lens, so `sae_lens.SAE.load_from_disk` loads the SAEs it saves.
+"""
+
+from __future__ import annotations
+
+from .architectures import (
+    MSAEConfig,
+    MSAETrainingSAE,
+    MSAETrainingSAEConfig,
+    PaperSAE,
+    register_all,
+    resolve_alphas,
+    resolve_k_list,
+)
+from .normalization import ModalityStats, attach_stats, compute_stats, get_stats
+from .store import BatchStream, EmbeddingDataError, open_embeddings
+
+register_all()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchStream",
+    "EmbeddingDataError",
+    "MSAEConfig",
+    "MSAETrainingSAE",
+    "MSAETrainingSAEConfig",
+    "ModalityStats",
+    "PaperSAE",
+    "attach_stats",
+    "compute_stats",
+    "get_stats",
+    "open_embeddings",
+    "register_all",
+    "resolve_alphas",
+    "resolve_k_list",
+]

@@ -1,0 +1,197 @@
+"""Matryoshka SAE (section 3.2): per-sample nested TopK over a k-list, weighted sum of level losses.
+
+    z_i = ReLU(TopK_{k_i}(W_enc (x - b_pre) + b_enc)),   x_hat_i = W_dec z_i + b_pre
+    L(x) = sum_i alpha_i ||x - x_hat_i||^2          (optionally divided by sum_i alpha_i)
+
+The top-k sets are nested because every level takes a prefix of one descending sort. The last
+level is d_sae itself, where TopK is the identity and z_h = ReLU(pre) is exactly the inference
+activation. This is the paper's per-sample nested k, not sae-lens's `matryoshka_batchtopk`
+(Bussmann et al.: fixed latent-prefix groups with a global batch top-k).
+
+`nested_topk_loss_reference` below is the plain per-level implementation (one dense decode per
+level): clear, and the oracle any faster implementation is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from typing_extensions import override
+
+from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
+
+from .base import (
+    PaperSAEConfig,
+    PaperTrainingSAE,
+    PaperTrainingSAEConfig,
+    reconstruction_loss,
+    soft_cap,
+)
+
+
+def resolve_k_list(d_sae: int, k_list: list[int] | None = None, k_min: int = 64) -> list[int]:
+    """The k-list: explicit, or powers of two from k_min doubling while below d_sae, then d_sae.
+
+    d_sae=6144, k_min=64 -> [64, 128, 256, 512, 1024, 2048, 4096, 6144].
+    """
+    if k_list is not None:
+        ks = [int(k) for k in k_list]
+        if not ks:
+            raise ValueError("k_list is empty")
+        if any(b <= a for a, b in zip(ks, ks[1:])):
+            raise ValueError(f"k_list must be strictly increasing, got {ks}")
+        if ks[0] < 1 or ks[-1] > d_sae:
+            raise ValueError(f"k_list values must lie in [1, d_sae={d_sae}], got {ks}")
+        return ks
+    if k_min < 1:
+        raise ValueError(f"k_min must be >= 1, got {k_min}")
+    ks = []
+    k = k_min
+    while k < d_sae:
+        ks.append(k)
+        k *= 2
+    ks.append(d_sae)
+    return ks
+
+
+def resolve_alphas(
+    n_levels: int, weighting: Literal["rw", "uw"] = "rw", alphas: list[float] | None = None
+) -> list[float]:
+    """Level weights: explicit, UW (all 1) or RW (alpha_i = h - i + 1, largest on the smallest k)."""
+    if alphas is not None:
+        a = [float(v) for v in alphas]
+        if len(a) != n_levels:
+            raise ValueError(f"alphas has {len(a)} values but the k-list has {n_levels} levels")
+        if any(v < 0 for v in a) or sum(a) <= 0:
+            raise ValueError(f"alphas must be non-negative with a positive sum, got {a}")
+        return a
+    if weighting == "uw":
+        return [1.0] * n_levels
+    if weighting == "rw":
+        return [float(n_levels - i) for i in range(n_levels)]
+    raise ValueError(f"unknown weighting {weighting!r}; expected 'rw', 'uw' or explicit alphas")
+
+
+def nested_level_activations(
+    hidden_pre: torch.Tensor, k_list: list[int], cap: float | None
+) -> list[torch.Tensor]:
+    """z_i for every level from one descending top-k over the largest partial level."""
+    d_sae = hidden_pre.shape[-1]
+    partial = [k for k in k_list if k < d_sae]
+    if partial:
+        values, indices = hidden_pre.topk(max(partial), dim=-1, sorted=True)
+        values = values.relu()
+    levels = []
+    for k in k_list:
+        if k >= d_sae:
+            z = hidden_pre.relu()
+        else:
+            z = torch.zeros_like(hidden_pre).scatter(-1, indices[:, :k], values[:, :k])
+        levels.append(soft_cap(z, cap))
+    return levels
+
+
+def nested_topk_loss_reference(
+    x: torch.Tensor,
+    hidden_pre: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    k_list: list[int],
+    alphas: list[float],
+    cap: float | None = None,
+    recon_loss: Literal["mse", "nmse"] = "mse",
+    normalize_by_alpha_sum: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Reference MSAE loss: one dense decode per level. Returns (loss, level losses, level outputs)."""
+    level_losses, outputs = [], []
+    for z in nested_level_activations(hidden_pre, k_list, cap):
+        x_hat = z @ W_dec + b_dec
+        outputs.append(x_hat)
+        level_losses.append(reconstruction_loss(x_hat, x, recon_loss))
+    loss = sum(a * l for a, l in zip(alphas, level_losses))
+    if normalize_by_alpha_sum:
+        loss = loss / sum(alphas)
+    return loss, level_losses, outputs
+
+
+@dataclass
+class MSAEConfig(PaperSAEConfig):
+    """Inference config of the Matryoshka SAE: ReLU only unless inference_k is set."""
+
+    k_list: list[int] = field(default_factory=list)
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "msae"
+
+
+@dataclass
+class MSAETrainingSAEConfig(PaperTrainingSAEConfig):
+    """Training config of the Matryoshka SAE (section 3.2).
+
+    k_list: explicit levels; if None, built from k_min (see resolve_k_list) at construction.
+    weighting: 'rw' (alpha_i = h - i + 1) or 'uw' (alpha_i = 1); `alphas` overrides both.
+    normalize_by_alpha_sum: divide the weighted sum by sum(alpha) as the authors' code does.
+    """
+
+    k_list: list[int] | None = None
+    k_min: int = 64
+    weighting: Literal["rw", "uw"] = "rw"
+    alphas: list[float] | None = None
+    normalize_by_alpha_sum: bool = False
+
+    def __post_init__(self) -> None:
+        self.k_list = resolve_k_list(self.d_sae, self.k_list, self.k_min)
+        self.alphas = resolve_alphas(len(self.k_list), self.weighting, self.alphas)
+        super().__post_init__()
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "msae"
+
+    @override
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        return MSAEConfig
+
+
+class MSAETrainingSAE(PaperTrainingSAE):
+    cfg: MSAETrainingSAEConfig  # type: ignore[assignment]
+
+    @override
+    def training_activation(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        # Outside the training loss (e.g. sae-lens's firing statistics) the MSAE is its last,
+        # full-width level: ReLU only.
+        return hidden_pre.relu()
+
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        x = step_input.sae_in
+        hidden_pre = self.hidden_pre(x)
+        loss, level_losses, outputs = nested_topk_loss_reference(
+            x,
+            hidden_pre,
+            self.W_dec,
+            self.b_dec,
+            self.cfg.k_list,  # type: ignore[arg-type]
+            self.cfg.alphas,  # type: ignore[arg-type]
+            cap=self.cfg.soft_cap,
+            recon_loss=self.cfg.recon_loss,
+            normalize_by_alpha_sum=self.cfg.normalize_by_alpha_sum,
+        )
+        with torch.no_grad():
+            feature_acts = soft_cap(hidden_pre.relu(), self.cfg.soft_cap)
+        losses: dict[str, Any] = {"recon_loss": loss}
+        for k, level_loss in zip(self.cfg.k_list, level_losses):  # type: ignore[arg-type]
+            losses[f"level_{k}"] = level_loss.detach()
+        return TrainStepOutput(
+            sae_in=x,
+            sae_out=outputs[-1],
+            feature_acts=feature_acts,
+            hidden_pre=hidden_pre,
+            loss=loss,
+            losses=losses,
+        )

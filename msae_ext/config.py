@@ -1,0 +1,141 @@
+"""Run configuration: one YAML file plus `--set key=value` overrides.
+
+Every key, with its default, is a field of `TrainConfig`; unknown keys are errors. Nested keys
+use dots on the command line (`--set wandb.mode=offline`). Values are parsed as YAML
+(`--set k_list=[64,128,6144]`, `--set soft_cap=null`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: Paper learning rates (paper-recipe, Optimisation) when `lr` is not given.
+DEFAULT_LR = {"relu": 5e-5, "topk": 5e-4, "batchtopk": 5e-4, "msae": 1e-4}
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # online | offline | disabled
+    project: str = "msae"
+    entity: str | None = None
+    name: str | None = None
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("online", "offline", "disabled"):
+            raise ValueError(f"wandb.mode must be online, offline or disabled, got {self.mode!r}")
+
+
+@dataclass
+class TrainConfig:
+    # architecture (section 3)
+    architecture: str = "msae"  # msae | topk | batchtopk | relu
+    expansion_factor: int | None = 8
+    d_sae: int | None = None  # overrides expansion_factor
+    k: float = 64  # TopK / BatchTopK
+    k_list: list[int] | None = None  # MSAE, explicit
+    k_min: int = 64  # MSAE, powers of two from here
+    weighting: str = "rw"  # MSAE: rw | uw
+    alphas: list[float] | None = None  # MSAE, explicit level weights
+    normalize_by_alpha_sum: bool = False  # MSAE: divide by sum(alpha), as the authors' code
+    recon_loss: str = "mse"  # mse | nmse (the authors' per-sample normalised MSE)
+    l1_coefficient: float = 0.003  # ReLU (lambda)
+    aux_loss_coefficient: float = 0.0  # TopK / BatchTopK AuxK (off in the paper)
+    soft_cap: float | None = None  # appendix D
+    # optimisation (paper-recipe, Optimisation)
+    lr: float | None = None  # None -> DEFAULT_LR[architecture]
+    lr_schedule: str = "constant_then_linear"  # constant_then_linear | constant | cosine
+    lr_decay_start: float = 0.8  # fraction of training before the linear decay to 0
+    weight_decay: float = 0.01  # torch AdamW's default
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip_norm: float = 1.0
+    batch_size: int = 4096
+    epochs: int = 30
+    seed: int = 42
+    # data
+    train_data: Any = None  # path spec, see msae_ext.store
+    eval_data: Any = None  # held-out split for evaluation during and after training
+    modality: str = "image"  # modality of train_data; its statistics are computed on it
+    chunk_rows: int = 4096
+    buffer_rows: int = 1 << 20
+    # run
+    device: str = "cpu"
+    dtype: str = "float32"
+    eval_every: int = 500  # steps; 0 = only at the end
+    eval_rows: int = 10000
+    checkpoint_every: int = 500  # steps; also at the end of every epoch
+    keep_checkpoints: int = 2
+    dead_feature_window: int = 1000  # steps without firing before a latent counts as dead
+    final_eval: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.wandb, dict):
+            self.wandb = WandbConfig(**self.wandb)
+        from .architectures import ARCHITECTURES
+
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"unknown architecture {self.architecture!r}; expected one of {sorted(ARCHITECTURES)}"
+            )
+        if self.modality not in ("image", "text"):
+            raise ValueError(f"modality must be 'image' or 'text', got {self.modality!r}")
+        if self.lr_schedule not in ("constant_then_linear", "constant", "cosine"):
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}")
+        if self.d_sae is None and self.expansion_factor is None:
+            raise ValueError("set d_sae or expansion_factor")
+        for key in ("batch_size", "epochs"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.lr) if self.lr is not None else DEFAULT_LR[self.architecture]
+
+    def resolve_d_sae(self, d_in: int) -> int:
+        return int(self.d_sae) if self.d_sae is not None else int(self.expansion_factor) * d_in
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}; valid keys are {sorted(known)}")
+        return cls(**d)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ValueError(f"--set expects key=value, got {text!r}")
+    key, _, raw = text.partition("=")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    d = dict(d)
+    for text in overrides:
+        path, value = parse_override(text)
+        target = d
+        for part in path[:-1]:
+            target[part] = dict(target.get(part) or {})
+            target = target[part]
+        target[path[-1]] = value
+    return d
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """A TrainConfig from a YAML file (or defaults when path is None) and key=value overrides."""
+    d: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a config must be a YAML mapping")
+        d = loaded or {}
+    return TrainConfig.from_dict(apply_overrides(d, overrides or []))

@@ -1,0 +1,243 @@
+"""Evaluate a saved SAE on an embedding set: the report behind `msae eval`.
+
+The SAE is fed the modality's preprocessed embeddings (statistics saved with it); reconstructions
+are mapped back to CLIP space, where FVU and cosine similarity are reported (FVU is the same in
+both spaces; cosine is not). CKNNA compares the raw CLIP embeddings with the SAE activations on a
+random subset of 10,000 rows.
+
+Protocols: 'paper' removes any top-k at inference (ReLU only); 'native' uses each architecture's
+own activation (TopK keeps its k, BatchTopK its learned threshold; MSAE and ReLU are unchanged).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .architectures import PaperSAE, register_all
+from .metrics import (
+    cknna_subset,
+    cosine_similarity,
+    decoder_orthogonality,
+    probe_agreement,
+    probe_kl,
+    progressive_recovery,
+)
+from .normalization import get_stats
+from .store import EmbeddingSource, check_dimension, check_finite_block, open_embeddings, read_all
+
+REPORT_KEYS = (
+    "l0_sparsity", "l0_active", "fvu", "evr", "cos_sim", "cknna",
+    "decoder_orthogonality", "dead_neurons", "n_samples",
+)
+
+
+def load_sae(path: str | Path, device: str = "cpu") -> PaperSAE:
+    """Load an SAE saved by `msae train` (its --out folder) or any folder in sae-lens format."""
+    register_all()
+    from sae_lens import SAE
+
+    path = Path(path)
+    if not (path / "cfg.json").exists():
+        raise FileNotFoundError(f"{path}: no cfg.json; pass the --out folder of `msae train` or an SAE folder")
+    return SAE.load_from_disk(path, device=device)
+
+
+def load_labels(path: str | Path) -> np.ndarray:
+    """Integer class labels, one per row: .npy, or a text file with one label per line."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        labels = np.load(path, allow_pickle=False)
+    else:
+        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        names = sorted(set(lines))
+        try:
+            labels = np.array([int(v) for v in lines])
+        except ValueError:
+            index = {name: i for i, name in enumerate(names)}
+            labels = np.array([index[v] for v in lines])
+    labels = np.asarray(labels).reshape(-1)
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"{path}: labels must be integers (or one class name per line), got {labels.dtype}")
+    return labels.astype(np.int64)
+
+
+def train_linear_probe(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    *,
+    epochs: int = 20,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> torch.nn.Linear:
+    """Linear probe as in section 4.1: AdamW (lr 1e-3), ReduceLROnPlateau, batch 256.
+
+    The epoch with the best validation accuracy is kept; the validation split must not be the
+    one reported (the authors' code selects on the reported set).
+    """
+    g = torch.Generator().manual_seed(seed)
+    n_classes = int(max(int(y.max()), int(y_val.max()))) + 1
+    probe = torch.nn.Linear(x.shape[1], n_classes)
+    with torch.no_grad():
+        torch.nn.init.normal_(probe.weight, std=0.01, generator=g)
+        probe.bias.zero_()
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=2)
+    best_acc, best_state = -1.0, None
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for s in range(0, len(x), batch_size):
+            idx = perm[s : s + batch_size]
+            loss = torch.nn.functional.cross_entropy(probe(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            acc = float((probe(x_val).argmax(-1) == y_val).float().mean())
+        sched.step(acc)
+        if acc > best_acc:
+            best_acc, best_state = acc, {k: v.clone() for k, v in probe.state_dict().items()}
+    probe.load_state_dict(best_state)
+    return probe
+
+
+@torch.no_grad()
+def evaluate_sae(
+    sae: PaperSAE,
+    data: EmbeddingSource | str | Path,
+    *,
+    modality: str | None = None,
+    labels: np.ndarray | None = None,
+    protocol: str = "paper",
+    batch_size: int = 4096,
+    cknna_rows: int = 10000,
+    cknna_k: int = 10,
+    recovery_rows: int = 10000,
+    seed: int = 0,
+    figure_dir: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The evaluation report (keys in REPORT_KEYS, plus curves and, with labels, lp_kl / lp_acc)."""
+    source = open_embeddings(data) if isinstance(data, (str, Path, dict)) else data
+    check_dimension(source, sae.cfg.d_in)
+    modality = modality or sae.cfg.metadata.get("modality") or "image"
+    stats = get_stats(sae, modality)
+    sae.eval()
+    sae.set_protocol(protocol)
+    device = sae.W_dec.device
+    n = source.n_rows
+    rng = np.random.default_rng(seed)
+    sub_rows = np.sort(rng.choice(n, min(n, cknna_rows), replace=False))
+    rec_rows = np.sort(rng.choice(n, min(n, recovery_rows), replace=False))
+
+    sq_err = 0.0
+    sum_x = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
+    sum_sq = 0.0
+    cos_sum = 0.0
+    zeros = 0
+    active = 0
+    fire_counts = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+    hist_sample: list[torch.Tensor] = []
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress, unit="batch"):
+        block = source.read(start, min(n, start + batch_size))
+        check_finite_block(block, start, source.description)
+        x = torch.from_numpy(block).to(device)
+        z = sae.encode(stats.apply(x))
+        x_hat = stats.invert(sae.decode(z))
+        x64, xh64 = x.double(), x_hat.double()
+        sq_err += float((x64 - xh64).pow(2).sum())
+        sum_x += x64.sum(0).cpu()
+        sum_sq += float(x64.pow(2).sum())
+        cos_sum += cosine_similarity(x, x_hat) * len(x)
+        nz = z != 0
+        zeros += int((~nz).sum())
+        active += int(nz.sum())
+        fire_counts += nz.sum(0).cpu()
+        if len(hist_sample) < 64:
+            vals = z[nz]
+            if vals.numel() > 20000:
+                vals = vals[torch.randperm(vals.numel(), generator=torch.Generator().manual_seed(start))[:20000]]
+            hist_sample.append(vals.float().cpu())
+
+    total_var = sum_sq - float(sum_x.pow(2).sum()) / n
+    fvu_value = sq_err / total_var
+    report: dict[str, Any] = {
+        "l0_sparsity": zeros / (n * sae.cfg.d_sae),
+        "l0_active": active / n,
+        "fvu": fvu_value,
+        "evr": 1.0 - fvu_value,
+        "cos_sim": cos_sum / n,
+        "decoder_orthogonality": decoder_orthogonality(sae.W_dec),
+        "dead_neurons": int((fire_counts == 0).sum()),
+        "n_samples": n,
+        "modality": modality,
+        "protocol": protocol,
+        "architecture": sae.cfg.architecture(),
+        "d_in": sae.cfg.d_in,
+        "d_sae": sae.cfg.d_sae,
+        "soft_cap": sae.cfg.soft_cap,
+    }
+
+    x_sub = torch.from_numpy(read_all(source, sub_rows)).to(device)
+    z_sub = sae.encode(stats.apply(x_sub))
+    report["cknna"] = cknna_subset(x_sub, z_sub, k=cknna_k, n=cknna_rows, seed=seed) if len(x_sub) > cknna_k + 3 else float("nan")
+
+    x_rec = torch.from_numpy(read_all(source, rec_rows)).to(device)
+    z_rec = sae.encode(stats.apply(x_rec))
+    report["progressive_recovery"] = progressive_recovery(
+        x_rec, z_rec, lambda zk: stats.invert(sae.decode(zk))
+    )
+
+    if labels is not None:
+        report.update(_probe_metrics(source, labels, sae, stats, seed))
+
+    if figure_dir is not None:
+        from .plots import activation_histogram, progressive_recovery_figure
+
+        figure_dir = Path(figure_dir)
+        figure_dir.mkdir(parents=True, exist_ok=True)
+        values = torch.cat(hist_sample) if hist_sample else torch.zeros(0)
+        report["figures"] = {
+            "activation_histogram": str(activation_histogram(values, figure_dir / "activation_histogram.png")),
+            "progressive_recovery": str(
+                progressive_recovery_figure({report["architecture"]: report["progressive_recovery"]},
+                                            figure_dir / "progressive_recovery.png")),
+        }
+    sae.set_protocol("paper")
+    return report
+
+
+def _probe_metrics(source, labels: np.ndarray, sae: PaperSAE, stats, seed: int) -> dict[str, Any]:
+    """Train a probe on original embeddings (70%), select on 10%, report KL and agreement on 20%."""
+    n = source.n_rows
+    if len(labels) != n:
+        raise ValueError(f"labels have {len(labels)} rows but the embeddings have {n}")
+    perm = np.random.default_rng(seed + 1).permutation(n)
+    n_fit, n_val = int(0.7 * n), int(0.1 * n)
+    fit, val, rep = perm[:n_fit], perm[n_fit : n_fit + n_val], perm[n_fit + n_val :]
+    if min(len(fit), len(val), len(rep)) == 0:
+        raise ValueError(f"too few labelled rows ({n}) to split 70/10/20 for the linear probe")
+    device = sae.W_dec.device
+    X = {name: torch.from_numpy(read_all(source, np.sort(rows))).to(device) for name, rows in
+         (("fit", fit), ("val", val), ("rep", rep))}
+    Y = {name: torch.from_numpy(labels[np.sort(rows)]).to(device) for name, rows in
+         (("fit", fit), ("val", val), ("rep", rep))}
+    with torch.enable_grad():
+        probe = train_linear_probe(X["fit"], Y["fit"], X["val"], Y["val"], seed=seed).to(device)
+    x = X["rep"]
+    x_hat = stats.invert(sae.decode(sae.encode(stats.apply(x))))
+    lo, lr = probe(x), probe(x_hat)
+    return {
+        "lp_kl": probe_kl(lo, lr),
+        "lp_acc": probe_agreement(lo, lr),
+        "lp_probe_acc": float((lo.argmax(-1) == Y["rep"]).float().mean()),
+        "lp_split": {"fit": len(fit), "select": len(val), "report": len(rep)},
+    }

@@ -1,0 +1,66 @@
+"""Several evaluation reports -> the paper's Table 1 layout (markdown) and the Figure 2 scatter."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+#: (column title, report key, format) in the order of the paper's Table 1.
+TABLE1_COLUMNS = (
+    ("L0 (frac. zeros) ↑", "l0_sparsity", "{:.3f}"),
+    ("active latents", "l0_active", "{:.1f}"),
+    ("FVU ↓", "fvu", "{:.3f}"),
+    ("EVR ↑", "evr", "{:.3f}"),
+    ("CS ↑", "cos_sim", "{:.3f}"),
+    ("LP KL (×1e6) ↓", "lp_kl", "{:.2f}"),
+    ("LP Acc ↑", "lp_acc", "{:.3f}"),
+    ("CKNNA ↑", "cknna", "{:.3f}"),
+    ("DO ↓", "decoder_orthogonality", "{:.3f}"),
+    ("NDN ↓", "dead_neurons", "{}"),
+)
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "eval.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path}: no such report (write one with `msae eval ... --out REPORT.json`)") from e
+
+
+def _cell(report: dict[str, Any], key: str, fmt: str) -> str:
+    value = report.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if key == "lp_kl":
+        value = value * 1e6
+    if key == "dead_neurons" and report.get("dead_neurons_train") is not None:
+        return f"{value} ({report['dead_neurons_train']})"
+    return fmt.format(value)
+
+
+def table1_markdown(reports: dict[str, dict[str, Any]]) -> str:
+    """Markdown table, one row per model; NDN shows eval (train) counts when both are known."""
+    columns = [c for c in TABLE1_COLUMNS if any(r.get(c[1]) is not None for r in reports.values())]
+    head = "| model | " + " | ".join(c[0] for c in columns) + " |"
+    rule = "|---|" + "|".join("---:" for _ in columns) + "|"
+    rows = [f"| {name} | " + " | ".join(_cell(r, key, fmt) for _, key, fmt in columns) + " |"
+            for name, r in reports.items()]
+    return "\n".join([head, rule, *rows])
+
+
+def write_report(reports: dict[str, dict[str, Any]], out_dir: str | Path) -> tuple[Path, Path]:
+    """table1.md and sparsity_fidelity.png in out_dir."""
+    from .plots import sparsity_fidelity_figure
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = out_dir / "table1.md"
+    table.write_text(table1_markdown(reports) + "\n")
+    points = [{"name": name, **r} for name, r in reports.items()]
+    figure = sparsity_fidelity_figure(points, out_dir / "sparsity_fidelity.png")
+    return table, figure

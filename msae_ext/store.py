@@ -1,0 +1,368 @@
+"""Embedding store: read CLIP embedding matrices from disk and stream them as shuffled batches.
+
+Sources (all give float32 rows through `read(start, stop)`, never the whole file at once):
+    file.npy                     float32 / float16, memory-mapped
+    file.safetensors[#key]       lazily sliced; `key` may be left out when the file holds one tensor
+    DIR/ with manifest.json      shards (.npy or .safetensors) listed in order
+    file.parquet#column          a list/array column of a parquet file (Hugging Face `datasets`)
+    DIR#column                   a dataset saved with `datasets.save_to_disk`
+    hf://NAME#column[@split]     a Hub dataset by name (needs network or the local HF cache)
+
+Streaming (`BatchStream`): each epoch visits every row once (the last incomplete batch is
+dropped so the batch size stays constant, as sae-lens's trainer expects). Rows are read as
+contiguous chunks; a buffer of at most `buffer_rows` rows is filled with randomly chosen chunks
+and shuffled, so data larger than memory is shuffled with bounded memory. The order is a pure
+function of (seed, epoch), which makes runs reproducible and resumable mid-epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+
+
+class EmbeddingDataError(ValueError):
+    """Bad embedding input: wrong dimension, NaN/inf rows, empty or corrupt file, bad spec."""
+
+
+class EmbeddingSource(Protocol):
+    n_rows: int
+    d_in: int
+    description: str
+
+    def read(self, start: int, stop: int) -> np.ndarray: ...
+
+
+def _as_float32(block: np.ndarray, what: str) -> np.ndarray:
+    if block.dtype not in (np.float32, np.float16, np.float64):
+        raise EmbeddingDataError(f"{what}: embeddings must be float16/float32/float64, got {block.dtype}")
+    # a private, writable float32 copy (memory maps and Arrow buffers are read-only)
+    return np.array(block, dtype=np.float32, copy=True, order="C")
+
+
+class NpySource:
+    def __init__(self, path: Path):
+        try:
+            self._array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise EmbeddingDataError(f"{path}: not a readable .npy file (corrupt or truncated?): {e}") from e
+        if self._array.ndim != 2:
+            raise EmbeddingDataError(f"{path}: expected a 2-D (rows, dim) array, got shape {self._array.shape}")
+        self.n_rows, self.d_in = (int(s) for s in self._array.shape)
+        self.description = str(path)
+        _as_float32(self._array[:0], str(path))
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return _as_float32(self._array[start:stop], self.description)
+
+
+class SafetensorsSource:
+    def __init__(self, path: Path, key: str | None = None):
+        from safetensors import safe_open
+
+        try:
+            self._file = safe_open(str(path), framework="numpy")
+            keys = list(self._file.keys())
+        except Exception as e:  # safetensors raises its own error types
+            raise EmbeddingDataError(f"{path}: not a readable safetensors file (corrupt or truncated?): {e}") from e
+        if key is None:
+            if len(keys) != 1:
+                raise EmbeddingDataError(
+                    f"{path} holds tensors {keys}; name one as '{path}#KEY'"
+                )
+            key = keys[0]
+        if key not in keys:
+            raise EmbeddingDataError(f"{path}: no tensor {key!r}; it holds {keys}")
+        self._slice = self._file.get_slice(key)
+        shape = self._slice.get_shape()
+        if len(shape) != 2:
+            raise EmbeddingDataError(f"{path}#{key}: expected a 2-D (rows, dim) tensor, got shape {shape}")
+        self.n_rows, self.d_in = int(shape[0]), int(shape[1])
+        self.description = f"{path}#{key}"
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return _as_float32(self._slice[start:stop], self.description)
+
+
+class ShardedSource:
+    """A directory of shards in row order, described by manifest.json:
+
+    {"format": "msae-embeddings", "d_in": 768, "n_rows": N,
+     "shards": [{"file": "shard_00000.npy", "n_rows": n0}, ...], ...any other keys...}
+    """
+
+    def __init__(self, directory: Path):
+        try:
+            manifest = json.loads((directory / MANIFEST).read_text())
+        except json.JSONDecodeError as e:
+            raise EmbeddingDataError(f"{directory / MANIFEST}: corrupt manifest: {e}") from e
+        self.manifest = manifest
+        shards = manifest.get("shards")
+        if not shards:
+            raise EmbeddingDataError(f"{directory / MANIFEST}: lists no shards")
+        self._shards: list[EmbeddingSource] = []
+        for entry in shards:
+            shard = open_embeddings(str(directory / entry["file"]))
+            if "n_rows" in entry and int(entry["n_rows"]) != shard.n_rows:
+                raise EmbeddingDataError(
+                    f"{directory / entry['file']}: manifest says {entry['n_rows']} rows, file has {shard.n_rows}"
+                )
+            self._shards.append(shard)
+        dims = {s.d_in for s in self._shards}
+        if len(dims) != 1:
+            raise EmbeddingDataError(f"{directory}: shards disagree on the embedding dimension: {sorted(dims)}")
+        self.d_in = dims.pop()
+        if "d_in" in manifest and int(manifest["d_in"]) != self.d_in:
+            raise EmbeddingDataError(f"{directory}: manifest d_in={manifest['d_in']} but shards have {self.d_in}")
+        self._offsets = np.cumsum([0] + [s.n_rows for s in self._shards])
+        self.n_rows = int(self._offsets[-1])
+        if "n_rows" in manifest and int(manifest["n_rows"]) != self.n_rows:
+            raise EmbeddingDataError(f"{directory}: manifest n_rows={manifest['n_rows']} but shards hold {self.n_rows}")
+        self.description = str(directory)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        parts = []
+        i = int(np.searchsorted(self._offsets, start, side="right") - 1)
+        while start < stop:
+            lo, hi = int(self._offsets[i]), int(self._offsets[i + 1])
+            end = min(stop, hi)
+            parts.append(self._shards[i].read(start - lo, end - lo))
+            start, i = end, i + 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+class DatasetColumnSource:
+    """One column of a Hugging Face `datasets.Dataset` (memory-mapped Arrow) holding vectors."""
+
+    def __init__(self, dataset: Any, column: str, description: str):
+        if column not in dataset.column_names:
+            raise EmbeddingDataError(f"{description}: no column {column!r}; columns are {dataset.column_names}")
+        self._ds = dataset.with_format("numpy", columns=[column])
+        self._column = column
+        self.n_rows = len(dataset)
+        first = self._ds[0:1][column] if self.n_rows else np.zeros((0, 0), np.float32)
+        if self.n_rows and np.asarray(first).ndim != 2:
+            raise EmbeddingDataError(f"{description}: column {column!r} does not hold fixed-length vectors")
+        self.d_in = int(np.asarray(first).shape[1]) if self.n_rows else 0
+        self.description = description
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        block = np.asarray(self._ds[start:stop][self._column])
+        return _as_float32(block, self.description)
+
+
+def _split_spec(spec: str) -> tuple[str, str | None]:
+    if "#" in spec:
+        path, _, key = spec.rpartition("#")
+        return path, key or None
+    return spec, None
+
+
+def open_embeddings(spec: str | Path | dict[str, Any]) -> EmbeddingSource:
+    """Open an embedding matrix from any supported source (see module docstring)."""
+    if isinstance(spec, dict):
+        path = str(spec["path"])
+        key = spec.get("column") or spec.get("key")
+        spec = f"{path}#{key}" if key else path
+    spec = str(spec)
+    if spec.startswith("hf://"):
+        source = _open_hub_dataset(spec[len("hf://"):])
+    else:
+        path_str, key = _split_spec(spec)
+        path = Path(path_str)
+        if not path.exists():
+            raise EmbeddingDataError(f"{path}: no such file or directory")
+        if path.is_dir():
+            if (path / MANIFEST).exists():
+                source = ShardedSource(path)
+            elif key is not None:
+                import datasets
+
+                try:
+                    ds = datasets.load_from_disk(str(path))
+                except Exception as e:
+                    raise EmbeddingDataError(f"{path}: not a saved Hugging Face dataset: {e}") from e
+                source = DatasetColumnSource(ds, key, spec)
+            else:
+                raise EmbeddingDataError(
+                    f"{path}: a directory needs a {MANIFEST} (sharded store) or a '#column' (saved dataset)"
+                )
+        elif path.suffix == ".npy":
+            source = NpySource(path)
+        elif path.suffix == ".safetensors":
+            source = SafetensorsSource(path, key)
+        elif path.suffix == ".parquet":
+            if key is None:
+                raise EmbeddingDataError(f"{path}: name the embedding column as '{path}#COLUMN'")
+            import datasets
+
+            try:
+                ds = datasets.Dataset.from_parquet(str(path))
+            except Exception as e:
+                raise EmbeddingDataError(f"{path}: not a readable parquet file: {e}") from e
+            source = DatasetColumnSource(ds, key, spec)
+        else:
+            raise EmbeddingDataError(
+                f"{path}: unknown embedding format {path.suffix!r}; use .npy, .safetensors, .parquet#COL, "
+                f"a directory with {MANIFEST}, or a saved dataset DIR#COL"
+            )
+    if source.n_rows == 0:
+        raise EmbeddingDataError(f"{source.description}: holds no rows")
+    if source.d_in == 0:
+        raise EmbeddingDataError(f"{source.description}: rows have dimension 0")
+    return source
+
+
+def _open_hub_dataset(spec: str) -> EmbeddingSource:
+    name, column = _split_spec(spec)
+    if column is None:
+        raise EmbeddingDataError(f"hf://{spec}: name the embedding column as 'hf://NAME#COLUMN[@split]'")
+    column, _, split = column.partition("@")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:
+        raise EmbeddingDataError(
+            f"hf://{name}: could not load the dataset ({type(e).__name__}: {e}). Without network access, "
+            "download it elsewhere, `save_to_disk` it, and pass DIR#COLUMN instead."
+        ) from e
+    return DatasetColumnSource(ds, column, f"hf://{spec}")
+
+
+def check_dimension(source: EmbeddingSource, d_in: int) -> None:
+    if source.d_in != d_in:
+        raise EmbeddingDataError(
+            f"{source.description}: embeddings have dimension {source.d_in}, the SAE expects d_in={d_in}"
+        )
+
+
+def iter_blocks(source: EmbeddingSource, block_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+    for start in range(0, source.n_rows, block_rows):
+        yield start, source.read(start, min(source.n_rows, start + block_rows))
+
+
+def check_finite_block(block: np.ndarray, offset: int, description: str) -> None:
+    bad = ~np.isfinite(block).all(axis=1)
+    if bad.any():
+        raise EmbeddingDataError(
+            f"{description}: {int(bad.sum())} row(s) in rows {offset}..{offset + len(block) - 1} contain NaN or "
+            f"infinite values; the first is row {offset + int(np.argmax(bad))}"
+        )
+
+
+def check_finite(source: EmbeddingSource, block_rows: int = 65536) -> None:
+    """Raise naming how many rows hold NaN/inf and the first one's index."""
+    n_bad, first = 0, None
+    for start, block in iter_blocks(source, block_rows):
+        bad = ~np.isfinite(block).all(axis=1)
+        if bad.any():
+            n_bad += int(bad.sum())
+            if first is None:
+                first = start + int(np.argmax(bad))
+    if n_bad:
+        raise EmbeddingDataError(
+            f"{source.description}: {n_bad} row(s) contain NaN or infinite values; the first is row {first}"
+        )
+
+
+def read_all(source: EmbeddingSource, rows: np.ndarray | None = None) -> np.ndarray:
+    """The whole matrix, or the given row indices, as float32 (for evaluation-size data)."""
+    if rows is None:
+        return source.read(0, source.n_rows)
+    order = np.argsort(rows)
+    out = np.empty((len(rows), source.d_in), np.float32)
+    sorted_rows = rows[order]
+    # read contiguous runs of the sorted indices
+    start = 0
+    while start < len(sorted_rows):
+        end = start
+        while end + 1 < len(sorted_rows) and sorted_rows[end + 1] == sorted_rows[end] + 1:
+            end += 1
+        out[order[start : end + 1]] = source.read(int(sorted_rows[start]), int(sorted_rows[end]) + 1)
+        start = end + 1
+    return out
+
+
+@dataclass
+class BatchStream:
+    """Shuffled fixed-size batches over a finite source, epoch by epoch (see module docstring)."""
+
+    source: EmbeddingSource
+    batch_size: int
+    seed: int = 0
+    chunk_rows: int = 4096
+    buffer_rows: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.source.n_rows < self.batch_size:
+            raise EmbeddingDataError(
+                f"{self.source.description}: {self.source.n_rows} rows, fewer than one batch of {self.batch_size}"
+            )
+        self.chunk_rows = max(1, min(self.chunk_rows, self.source.n_rows))
+        self.n_chunks = math.ceil(self.source.n_rows / self.chunk_rows)
+        self.chunks_per_buffer = max(1, self.buffer_rows // self.chunk_rows)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.source.n_rows // self.batch_size
+
+    def _chunk_range(self, c: int) -> tuple[int, int]:
+        return c * self.chunk_rows, min(self.source.n_rows, (c + 1) * self.chunk_rows)
+
+    def epoch_plan(self, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """[(sorted chunk ids of a buffer, permutation of that buffer's rows)] for one epoch."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.n_chunks)
+        plan = []
+        for b in range(0, self.n_chunks, self.chunks_per_buffer):
+            chunks = np.sort(order[b : b + self.chunks_per_buffer])
+            n = sum(hi - lo for lo, hi in map(self._chunk_range, chunks))
+            plan.append((chunks, rng.permutation(n)))
+        return plan
+
+    def epoch_row_order(self, epoch: int) -> np.ndarray:
+        """The row indices of one epoch in the order they are served (for tests and audits)."""
+        parts = []
+        for chunks, perm in self.epoch_plan(epoch):
+            rows = np.concatenate([np.arange(*self._chunk_range(c)) for c in chunks])
+            parts.append(rows[perm])
+        return np.concatenate(parts)
+
+    def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
+        """Batches of one epoch, starting at batch `start_batch` (exactly as if the first ones were served)."""
+        skip = start_batch * self.batch_size
+        served = self.batches_per_epoch - start_batch
+        pending: list[np.ndarray] = []
+        n_pending = 0
+        for chunks, perm in self.epoch_plan(epoch):
+            if served <= 0:
+                return
+            if skip >= len(perm):
+                skip -= len(perm)
+                continue
+            block = np.concatenate([self.source.read(*self._chunk_range(c)) for c in chunks])
+            block = block[perm[skip:]]
+            skip = 0
+            pending.append(block)
+            n_pending += len(block)
+            if n_pending < self.batch_size:
+                continue
+            rows = np.concatenate(pending)
+            n_full = min(len(rows) // self.batch_size, served)
+            for i in range(n_full):
+                yield torch.from_numpy(rows[i * self.batch_size : (i + 1) * self.batch_size])
+            served -= n_full
+            rest = rows[n_full * self.batch_size :]
+            pending, n_pending = ([rest], len(rest)) if len(rest) else ([], 0)

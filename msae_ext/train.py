@@ -1,0 +1,473 @@
+"""Training runner on sae-lens's `SAETrainer`, with the paper's optimisation step.
+
+`PaperTrainer` subclasses sae-lens's trainer where the paper differs from it:
+  * AdamW (betas 0.9, 0.999) instead of Adam;
+  * before each step, the gradient component parallel to each decoder row is removed, then the
+    gradient norm is clipped (to 1); after the step, decoder rows are renormalised to unit norm;
+  * schedules: constant-then-linear-decay (the authors': constant for 80% of training, then
+    linear to 0), constant, cosine.
+
+`train(cfg, out_dir)` runs epochs over a finite embedding store with held-out evaluation, wandb
+logging (online / offline / disabled), a progress bar, dead-latent counts, atomic checkpoints and
+resumption: a killed run restarted with the same command continues from its last checkpoint and
+ends with the same weights as an uninterrupted run.
+
+Output folder (`--out DIR`), loadable as it is with `SAE.load_from_disk(DIR)`:
+    cfg.json, sae_weights.safetensors, sparsity.safetensors   inference SAE (sae-lens format)
+    train_config.yaml                                         the resolved run config
+    training_log.jsonl                                        held-out evals and epoch summaries
+    eval.json                                                 final held-out report (if eval_data)
+    checkpoints/step_XXXXXXXXX/ + checkpoints/latest          resumable training state
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from sae_lens.config import LoggingConfig, SAETrainerConfig
+from sae_lens.training.sae_trainer import SAETrainer
+
+from .architectures import PaperTrainingSAE, register_all, training_classes
+from .config import TrainConfig
+from .normalization import METADATA_KEY, ModalityStats, compute_stats, stats_to_metadata
+from .store import BatchStream, EmbeddingSource, check_dimension, open_embeddings
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+
+
+# --------------------------------------------------------------------------------------------
+# The paper's step
+# --------------------------------------------------------------------------------------------
+
+
+def lr_lambda(schedule: str, total_steps: int, decay_start: float = 0.8) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at a step."""
+    total = max(1, total_steps)
+    if schedule == "constant":
+        return lambda step: 1.0
+    if schedule == "cosine":
+        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    if schedule == "constant_then_linear":
+        start = int(decay_start * total)
+        span = max(1, total - start)
+        return lambda step: 1.0 if step < start else max(0.0, (total - step) / span)
+    raise ValueError(f"unknown lr schedule {schedule!r}")
+
+
+@torch.no_grad()
+def remove_parallel_decoder_grad(W_dec: torch.Tensor) -> None:
+    """Project out of each decoder row's gradient its component along that row."""
+    if W_dec.grad is None:
+        return
+    unit = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    W_dec.grad -= (W_dec.grad * unit).sum(dim=-1, keepdim=True) * unit
+
+
+@torch.no_grad()
+def renormalize_decoder(W_dec: torch.Tensor) -> None:
+    W_dec.div_(W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
+class PaperTrainer(SAETrainer):
+    """sae-lens's trainer with the paper's optimiser, schedule and decoder constraint."""
+
+    def __init__(
+        self,
+        cfg: SAETrainerConfig,
+        sae: PaperTrainingSAE,
+        *,
+        weight_decay: float,
+        lr_schedule: str,
+        lr_decay_start: float,
+        grad_clip_norm: float = 1.0,
+    ):
+        super().__init__(cfg, sae, data_provider=iter(()))
+        self.grad_clip_norm = grad_clip_norm
+        self.optimizer = torch.optim.AdamW(
+            sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=weight_decay
+        )
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(lr_schedule, cfg.total_training_steps, lr_decay_start)
+        )
+
+    def _train_step(self, sae, sae_in):  # type: ignore[override]
+        sae.train()
+        with self.autocast_if_enabled:
+            out = sae.training_forward_pass(step_input=self._step_input(sae_in))
+            with torch.no_grad():
+                fired = out.feature_acts > 0
+                did_fire = fired.any(dim=0)
+                self.n_forward_passes_since_fired += 1
+                self.n_forward_passes_since_fired[did_fire] = 0
+                self.act_freq_scores += fired.sum(0)
+                self.n_frac_active_samples += self.cfg.train_batch_size_samples
+        out.loss.backward()
+        remove_parallel_decoder_grad(sae.W_dec)
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip_norm)
+        self.optimizer.step()
+        renormalize_decoder(sae.W_dec.data)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        return out
+
+    def _step_input(self, sae_in: torch.Tensor):
+        from sae_lens.saes.sae import TrainStepInput
+
+        return TrainStepInput(
+            sae_in=sae_in,
+            dead_neuron_mask=self.dead_neurons,
+            coefficients=self.get_coefficients(),
+            n_training_steps=self.n_training_steps,
+            is_logging_step=False,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Building SAEs
+# --------------------------------------------------------------------------------------------
+
+
+def build_training_sae(cfg: TrainConfig, d_in: int) -> PaperTrainingSAE:
+    """The training SAE a config describes, initialised as in the paper (seeded by the caller)."""
+    register_all()
+    sae_cls, cfg_cls = training_classes(cfg.architecture)
+    d_sae = cfg.resolve_d_sae(d_in)
+    common: dict[str, Any] = dict(
+        d_in=d_in,
+        d_sae=d_sae,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        soft_cap=cfg.soft_cap,
+        recon_loss=cfg.recon_loss,
+    )
+    if cfg.architecture == "msae":
+        specific = dict(
+            k_list=cfg.k_list,
+            k_min=cfg.k_min,
+            weighting=cfg.weighting,
+            alphas=cfg.alphas,
+            normalize_by_alpha_sum=cfg.normalize_by_alpha_sum,
+        )
+    elif cfg.architecture == "relu":
+        specific = dict(l1_coefficient=cfg.l1_coefficient)
+    elif cfg.architecture == "topk":
+        specific = dict(k=int(cfg.k), aux_loss_coefficient=cfg.aux_loss_coefficient)
+    else:  # batchtopk
+        specific = dict(k=float(cfg.k), aux_loss_coefficient=cfg.aux_loss_coefficient)
+    return sae_cls(cfg_cls(**common, **specific))
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+@dataclass
+class RunState:
+    epoch: int = 0  # epoch in progress
+    batch_in_epoch: int = 0  # batches of that epoch already trained on
+    step: int = 0
+
+
+def save_checkpoint(
+    out_dir: Path, trainer: PaperTrainer, state: RunState, keep: int, fired_epoch: torch.Tensor
+) -> Path:
+    """Write a checkpoint into a temporary folder, then rename it into place and move `latest`.
+
+    A crash at any point leaves the previous checkpoint and `latest` intact.
+    """
+    root = out_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{state.step:09d}"
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.sae.save_model(tmp)
+    save_file({"sparsity": trainer.log_feature_sparsity}, tmp / "sparsity.safetensors")
+    trainer.save_trainer_state(tmp)
+    torch.save({"torch": torch.get_rng_state(), "fired_epoch": fired_epoch.cpu()}, tmp / "rng_state.pt")
+    (tmp / "run_state.json").write_text(json.dumps(state.__dict__))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    write_text_atomic(root / LATEST, name)
+    ckpts = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    for old in ckpts[: max(0, len(ckpts) - keep)]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    pointer = out_dir / CHECKPOINTS / LATEST
+    if not pointer.exists():
+        return None
+    path = out_dir / CHECKPOINTS / pointer.read_text().strip()
+    return path if (path / "run_state.json").exists() else None
+
+
+def load_checkpoint(path: Path, trainer: PaperTrainer, fired_epoch: torch.Tensor) -> RunState:
+    trainer.sae.load_weights_from_checkpoint(path)
+    trainer.load_trainer_state(path)
+    extra = torch.load(path / "rng_state.pt")
+    torch.set_rng_state(extra["torch"])
+    fired_epoch.copy_(extra["fired_epoch"])
+    return RunState(**json.loads((path / "run_state.json").read_text()))
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    sae: PaperTrainingSAE
+    steps: int
+    resumed_from: Path | None
+    eval_report: dict[str, Any] | None
+
+
+class _Interrupt(Exception):
+    """Raised by tests through `stop_after_steps` to simulate a killed run."""
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def _init_wandb(cfg: TrainConfig, out_dir: Path, resume_id: str | None):
+    if cfg.wandb.mode == "disabled":
+        return None
+    import wandb
+
+    run = wandb.init(
+        project=cfg.wandb.project,
+        entity=cfg.wandb.entity,
+        name=cfg.wandb.name or out_dir.name,
+        mode=cfg.wandb.mode,
+        dir=str(out_dir),
+        config=cfg.to_dict(),
+        id=resume_id,
+        resume="allow" if resume_id else None,
+    )
+    (out_dir / "wandb_run_id").write_text(run.id)
+    return run
+
+
+def train(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+) -> TrainResult:
+    """Train one SAE as `cfg` says into `out_dir` (see module docstring)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.train_data is None:
+        raise ValueError("train_data is not set (a path to embeddings; see msae_ext.store)")
+
+    source = open_embeddings(cfg.train_data)
+    eval_source = open_embeddings(cfg.eval_data) if cfg.eval_data is not None else None
+    if eval_source is not None:
+        check_dimension(eval_source, source.d_in)
+    d_in = source.d_in
+
+    stats_path = out_dir / "normalization.json"
+    checkpoint = latest_checkpoint(out_dir) if resume else None
+    if checkpoint is not None and stats_path.exists():
+        stats = ModalityStats.from_dict(json.loads(stats_path.read_text()))
+    else:
+        stats = compute_stats(source)  # also rejects NaN / inf rows
+        write_text_atomic(stats_path, json.dumps(stats.to_dict()))
+
+    torch.manual_seed(cfg.seed)
+    sae = build_training_sae(cfg, d_in)
+    sae.cfg.metadata[METADATA_KEY] = stats_to_metadata({cfg.modality: stats})
+    sae.cfg.metadata.msae_train_config = cfg.to_dict()
+    sae.cfg.metadata.modality = cfg.modality
+
+    stream = BatchStream(source, cfg.batch_size, seed=cfg.seed, chunk_rows=cfg.chunk_rows,
+                         buffer_rows=cfg.buffer_rows)
+    steps_per_epoch = stream.batches_per_epoch
+    total_steps = steps_per_epoch * cfg.epochs
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=total_steps * cfg.batch_size,
+        train_batch_size_samples=cfg.batch_size,
+        lr=cfg.learning_rate,
+        lr_end=0.0,
+        adam_beta1=float(cfg.adam_betas[0]),
+        adam_beta2=float(cfg.adam_betas[1]),
+        device=cfg.device,
+        dead_feature_window=cfg.dead_feature_window,
+        feature_sampling_window=max(1, steps_per_epoch),
+        logger=LoggingConfig(log_to_wandb=False),
+    )
+    trainer = PaperTrainer(
+        trainer_cfg,
+        sae,
+        weight_decay=cfg.weight_decay,
+        lr_schedule=cfg.lr_schedule,
+        lr_decay_start=cfg.lr_decay_start,
+        grad_clip_norm=cfg.grad_clip_norm,
+    )
+    state = RunState()
+    fired_epoch = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=cfg.device)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, trainer, fired_epoch)
+    (out_dir / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    resume_id = (out_dir / "wandb_run_id").read_text().strip() if (
+        checkpoint is not None and (out_dir / "wandb_run_id").exists()) else None
+    run = _init_wandb(cfg, out_dir, resume_id)
+
+    eval_x = None
+    if eval_source is not None and (cfg.eval_every > 0 or cfg.final_eval):
+        from .store import read_all
+
+        n = min(eval_source.n_rows, cfg.eval_rows)
+        rows = np.sort(np.random.default_rng(cfg.seed).choice(eval_source.n_rows, n, replace=False))
+        eval_x = torch.from_numpy(read_all(eval_source, rows))
+
+    log_path = out_dir / "training_log.jsonl"
+    pbar = _progress(total_steps, state.step, f"train {cfg.architecture}", progress)
+    start = time.time()
+    try:
+        for epoch in range(state.epoch, cfg.epochs):
+            if state.batch_in_epoch == 0:
+                fired_epoch.zero_()
+            for batch in stream.epoch_batches(epoch, state.batch_in_epoch):
+                x = stats.apply(batch.to(cfg.device))
+                out = trainer.step(x)
+                fired_epoch |= (out.feature_acts > 0).any(dim=0)
+                trainer.n_training_steps += 1
+                state.step += 1
+                state.batch_in_epoch += 1
+                trainer.maybe_reset_sparsity()
+                if run is not None and state.step % cfg.wandb.log_every == 0:
+                    run.log(trainer.build_train_step_log_dict(out, trainer.n_training_samples), step=state.step)
+                if eval_x is not None and cfg.eval_every > 0 and state.step % cfg.eval_every == 0:
+                    _log_eval(sae, eval_x, stats, state, trainer, run, log_path)
+                pbar.update(1)
+                if state.step % 20 == 0 or state.step == total_steps:
+                    pbar.set_postfix(loss=f"{out.loss.item():.4g}", dead=int(trainer.dead_neurons.sum()))
+                if cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0:
+                    save_checkpoint(out_dir, trainer, state, cfg.keep_checkpoints, fired_epoch)
+                if stop_after_steps is not None and state.step >= stop_after_steps:
+                    raise _Interrupt(f"stopped after {state.step} steps")
+            dead_epoch = int((~fired_epoch).sum())
+            _append_log(log_path, {"event": "epoch_end", "epoch": epoch, "step": state.step,
+                                   "dead_latents_epoch": dead_epoch,
+                                   "dead_latents_window": int(trainer.dead_neurons.sum()),
+                                   "elapsed_s": round(time.time() - start, 2)})
+            if run is not None:
+                run.log({"sparsity/dead_latents_epoch": dead_epoch}, step=state.step)
+            state.epoch, state.batch_in_epoch = epoch + 1, 0
+            save_checkpoint(out_dir, trainer, state, cfg.keep_checkpoints, fired_epoch)
+    finally:
+        pbar.close()
+
+    trainer.set_final_sae_metadata()
+    sae.cfg.metadata.dead_latents_train_last_epoch = int((~fired_epoch).sum())
+    sae.cfg.metadata.training_steps = state.step
+    save_inference_sae(sae, out_dir, trainer)
+    report = None
+    if eval_source is not None and cfg.final_eval:
+        from .evaluate import evaluate_sae, load_sae
+
+        report = evaluate_sae(load_sae(out_dir), eval_source, modality=cfg.modality, progress=progress)
+        report["dead_neurons_train"] = sae.cfg.metadata.dead_latents_train_last_epoch
+        write_text_atomic(out_dir / "eval.json", json.dumps(report, indent=2))
+        if run is not None:
+            run.summary.update({f"eval/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
+    if run is not None:
+        run.finish()
+    return TrainResult(out_dir, sae, state.step, checkpoint, report)
+
+
+def save_inference_sae(sae: PaperTrainingSAE, out_dir: Path, trainer: PaperTrainer | None = None) -> None:
+    """Write the inference SAE (sae-lens format) into out_dir, each file atomically."""
+    tmp = out_dir / f".tmp-final-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    sae.save_inference_model(tmp)
+    if trainer is not None:
+        save_file({"sparsity": trainer.log_feature_sparsity}, tmp / "sparsity.safetensors")
+    for f in tmp.iterdir():
+        os.replace(f, out_dir / f.name)
+    tmp.rmdir()
+    _fsync_dir(out_dir)
+
+
+def _append_log(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def _log_eval(sae, eval_x, stats, state, trainer, run, log_path) -> None:
+    from .metrics import cosine_similarity, fvu, l0_active, l0_sparsity
+
+    sae.eval()
+    x = eval_x.to(sae.W_dec.device)
+    z = sae.encode(stats.apply(x))
+    x_hat = stats.invert(sae.decode(z))
+    record = {
+        "event": "eval", "step": state.step, "epoch": state.epoch,
+        "fvu": fvu(x, x_hat), "cos_sim": cosine_similarity(x, x_hat),
+        "l0_sparsity": l0_sparsity(z), "l0_active": l0_active(z),
+        "dead_latents_window": int(trainer.dead_neurons.sum()),
+    }
+    sae.train()
+    _append_log(log_path, record)
+    if run is not None:
+        run.log({f"heldout/{k}": v for k, v in record.items() if k not in ("event", "step", "epoch")},
+                step=state.step)

@@ -1,0 +1,236 @@
+"""The paper's SAE family: configs, the nested loss against naive math, inference, registration."""
+
+import json
+
+import pytest
+import torch
+
+from msae_ext.architectures import (
+    ARCHITECTURES,
+    BatchTopKTrainingSAE,
+    BatchTopKTrainingSAEConfig,
+    MSAETrainingSAE,
+    MSAETrainingSAEConfig,
+    ReLUTrainingSAE,
+    ReLUTrainingSAEConfig,
+    TopKTrainingSAE,
+    TopKTrainingSAEConfig,
+    nested_topk_loss_reference,
+    resolve_alphas,
+    resolve_k_list,
+)
+from msae_ext.architectures.base import soft_cap
+from sae_lens.saes.sae import TrainStepInput
+
+
+def step_input(x):
+    return TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0,
+                          is_logging_step=False)
+
+
+def test_k_list_powers_of_two_then_d_sae():
+    assert resolve_k_list(6144, k_min=64) == [64, 128, 256, 512, 1024, 2048, 4096, 6144]
+    assert resolve_k_list(4096, k_min=32) == [32, 64, 128, 256, 512, 1024, 2048, 4096]
+    assert resolve_k_list(100, k_min=64) == [64, 100]
+    assert resolve_k_list(64, k_min=64) == [64]
+    assert resolve_k_list(512, k_list=[128, 256]) == [128, 256]
+    with pytest.raises(ValueError, match="strictly increasing"):
+        resolve_k_list(512, k_list=[256, 128])
+    with pytest.raises(ValueError, match="d_sae"):
+        resolve_k_list(512, k_list=[128, 1024])
+
+
+def test_alphas():
+    assert resolve_alphas(4, "rw") == [4.0, 3.0, 2.0, 1.0]  # alpha_i = h - i + 1
+    assert resolve_alphas(3, "uw") == [1.0, 1.0, 1.0]
+    assert resolve_alphas(2, "rw", [0.5, 2]) == [0.5, 2.0]
+    with pytest.raises(ValueError, match="2 levels"):
+        resolve_alphas(2, "rw", [1, 2, 3])
+    with pytest.raises(ValueError, match="weighting"):
+        resolve_alphas(2, "xw")
+
+
+def make(arch_cls, cfg_cls, **kw):
+    torch.manual_seed(0)
+    return arch_cls(cfg_cls(d_in=8, d_sae=32, **kw))
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_paper_initialisation(name):
+    _, _, sae_cls, cfg_cls = ARCHITECTURES[name]
+    sae = make(sae_cls, cfg_cls, **({"k": 4} if name in ("topk", "batchtopk") else {}))
+    norms = sae.W_dec.norm(dim=-1)
+    torch.testing.assert_close(norms, torch.full_like(norms, 0.1))
+    assert torch.equal(sae.W_enc, sae.W_dec.T)
+    assert torch.count_nonzero(sae.b_enc) == 0 and torch.count_nonzero(sae.b_dec) == 0
+
+
+def naive_msae_loss(x, W_enc, b_enc, W_dec, b_dec, k_list, alphas, cap=None, nmse=False, norm_alpha=False):
+    """Per-sample, per-level loop straight from eq. 2 of the paper."""
+    total = 0.0
+    for a, k in zip(alphas, k_list):
+        level = 0.0
+        for row in x:
+            pre = (row - b_dec) @ W_enc + b_enc
+            z = torch.zeros_like(pre)
+            idx = torch.argsort(pre, descending=True, stable=True)[:k]
+            z[idx] = pre[idx].clamp_min(0)
+            if cap is not None:
+                z = cap * torch.tanh(z / cap)
+            err = ((z @ W_dec + b_dec - row) ** 2).sum()
+            level = level + (err / (row**2).sum() if nmse else err)
+        total = total + a * level / len(x)
+    return total / sum(alphas) if norm_alpha else total
+
+
+@pytest.mark.parametrize("kw", [
+    dict(weighting="rw", k_min=4),
+    dict(weighting="uw", k_min=4),
+    dict(alphas=[3.0, 0.5, 1.0], k_list=[2, 5, 32]),
+    dict(k_list=[7]),
+    dict(weighting="rw", k_min=4, soft_cap=0.7),
+    dict(weighting="rw", k_min=4, recon_loss="nmse", normalize_by_alpha_sum=True),
+])
+def test_msae_loss_matches_naive_math(kw):
+    sae = make(MSAETrainingSAE, MSAETrainingSAEConfig, dtype="float64", **kw)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(6, 8, dtype=torch.float64)
+    out = sae.training_forward_pass(step_input(x))
+    expected = naive_msae_loss(
+        x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.cfg.k_list, sae.cfg.alphas,
+        cap=kw.get("soft_cap"), nmse=kw.get("recon_loss") == "nmse", norm_alpha=kw.get("normalize_by_alpha_sum", False),
+    )
+    torch.testing.assert_close(out.loss, expected)
+    grads = torch.autograd.grad(out.loss, list(sae.parameters()))
+    sae.zero_grad()
+    params = list(sae.parameters())
+    exp_grads = torch.autograd.grad(
+        naive_msae_loss(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.cfg.k_list, sae.cfg.alphas,
+                        cap=kw.get("soft_cap"), nmse=kw.get("recon_loss") == "nmse",
+                        norm_alpha=kw.get("normalize_by_alpha_sum", False)), params)
+    for g, e in zip(grads, exp_grads):
+        torch.testing.assert_close(g, e)
+
+
+def test_msae_levels_are_nested_and_last_is_relu():
+    from msae_ext.architectures.msae import nested_level_activations
+
+    pre = torch.randn(5, 32)
+    levels = nested_level_activations(pre, [2, 4, 8, 32], None)
+    for small, big in zip(levels, levels[1:]):
+        assert torch.all((small != 0) <= (big != 0))  # support of z_i inside support of z_{i+1}
+    torch.testing.assert_close(levels[-1], pre.relu())
+    assert all(int((z != 0).sum(-1).max()) <= k for z, k in zip(levels[:-1], [2, 4, 8]))
+
+
+def test_fewer_positive_than_k_keeps_only_positive():
+    pre = torch.tensor([[3.0, -1.0, 2.0, -5.0, -0.5, -2.0]])
+    from msae_ext.architectures.msae import nested_level_activations
+
+    z = nested_level_activations(pre, [4, 6], None)[0]
+    assert torch.equal(z, torch.tensor([[3.0, 0, 2.0, 0, 0, 0]]))
+
+
+def test_soft_cap_bounds_and_identity():
+    z = torch.tensor([0.0, 0.5, 10.0, 1e4])
+    capped = soft_cap(z, 2.0)
+    assert torch.all(capped <= 2.0) and torch.all(capped >= 0)  # [0, c); float32 tanh saturates at c
+    torch.testing.assert_close(capped, 2.0 * torch.tanh(z / 2.0))
+    assert soft_cap(z, None) is z
+    with pytest.raises(ValueError, match="soft_cap"):
+        MSAETrainingSAEConfig(d_in=4, d_sae=8, soft_cap=0.0)
+
+
+def test_relu_l1_is_the_papers_form():
+    sae = make(ReLUTrainingSAE, ReLUTrainingSAEConfig, l1_coefficient=0.5, dtype="float64")
+    x = torch.randn(4, 8, dtype=torch.float64)
+    out = sae.training_forward_pass(step_input(x))
+    z = out.feature_acts
+    expected_l1 = 0.5 * torch.mean(z.abs().sum(-1) / x.norm(dim=-1))
+    torch.testing.assert_close(out.losses["l1_loss"], expected_l1)
+    torch.testing.assert_close(out.loss, ((out.sae_out - x) ** 2).sum(-1).mean() + expected_l1)
+
+
+def test_topk_and_batchtopk_training_activations():
+    topk = make(TopKTrainingSAE, TopKTrainingSAEConfig, k=3)
+    x = torch.randn(10, 8)
+    z, _ = topk.encode_with_hidden_pre(x)
+    assert int((z != 0).sum(-1).max()) <= 3
+    btk = make(BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, k=3)
+    z, pre = btk.encode_with_hidden_pre(x)
+    assert int((z != 0).sum()) <= 30
+    out = btk.training_forward_pass(step_input(x))
+    kept = out.feature_acts[out.feature_acts > 0]
+    # EMA from 0 with lr 0.01 after one step
+    torch.testing.assert_close(btk.topk_threshold.float(), 0.01 * kept.min())
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_save_load_round_trip_bit_for_bit(tmp_path, name):
+    from sae_lens import SAE
+
+    _, _, sae_cls, cfg_cls = ARCHITECTURES[name]
+    kw = {"k": 4} if name in ("topk", "batchtopk") else {}
+    sae = make(sae_cls, cfg_cls, soft_cap=3.0, **kw)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(torch.randn_like(p))
+    sae.cfg.metadata.note = "kept"
+    sae.save_inference_model(tmp_path)
+    loaded = SAE.load_from_disk(tmp_path)
+    assert loaded.cfg.architecture() == ARCHITECTURES[name][0]
+    assert loaded.cfg.soft_cap == 3.0 and loaded.cfg.metadata.note == "kept"
+    for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert torch.equal(getattr(loaded, key), getattr(sae, key))
+    x = torch.randn(7, 8)
+    # paper protocol: ReLU only, soft-capped
+    expected = soft_cap(((x - sae.b_dec) @ sae.W_enc + sae.b_enc).relu(), 3.0)
+    torch.testing.assert_close(loaded.encode(x), expected)
+    json.loads((tmp_path / "cfg.json").read_text())
+
+
+def test_inference_top_k_at_any_granularity(tmp_path):
+    from sae_lens import SAE
+
+    sae = make(MSAETrainingSAE, MSAETrainingSAEConfig, k_min=4)
+    with torch.no_grad():
+        sae.b_enc.add_(1.0)
+    sae.save_inference_model(tmp_path)
+    loaded = SAE.load_from_disk(tmp_path)
+    x = torch.randn(5, 8)
+    assert int((loaded.encode(x) != 0).sum(-1).min()) > 5
+    assert int((loaded.encode(x, k=5) != 0).sum(-1).max()) == 5
+    loaded.cfg.inference_k = 3
+    z3 = loaded.encode(x)
+    assert int((z3 != 0).sum(-1).max()) == 3
+    pre = (x - loaded.b_dec) @ loaded.W_enc + loaded.b_enc
+    torch.testing.assert_close(z3.sum(-1), pre.topk(3).values.relu().sum(-1))
+
+
+def test_native_protocols(tmp_path):
+    from sae_lens import SAE
+
+    topk = make(TopKTrainingSAE, TopKTrainingSAEConfig, k=2)
+    with torch.no_grad():
+        topk.b_enc.add_(1.0)
+    topk.save_inference_model(tmp_path / "t")
+    t = SAE.load_from_disk(tmp_path / "t")
+    x = torch.randn(5, 8)
+    assert int((t.encode(x) != 0).sum(-1).min()) > 2  # paper protocol: top-k removed
+    t.set_protocol("native")
+    assert int((t.encode(x) != 0).sum(-1).max()) == 2
+    t.set_protocol("paper")
+    assert t.cfg.inference_k is None
+
+    btk = make(BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, k=2)
+    btk.topk_threshold.fill_(0.05)
+    btk.save_inference_model(tmp_path / "b")
+    b = SAE.load_from_disk(tmp_path / "b")
+    assert b.cfg.threshold == pytest.approx(0.05)
+    pre = (x - b.b_dec) @ b.W_enc + b.b_enc
+    b.set_protocol("native")
+    torch.testing.assert_close(b.encode(x), pre * (pre > 0.05))
+    assert "topk_threshold" not in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
+        tmp_path / "b" / "sae_weights.safetensors")
