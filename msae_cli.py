@@ -37,7 +37,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from msae_ext.evaluate import evaluate_sae, load_labels, load_sae
+    from msae_ext.evaluate import REPORT_KEYS, evaluate_sae, load_labels, load_sae
 
     sae = load_sae(args.sae, device=args.device)
     labels = load_labels(args.labels) if args.labels else None
@@ -54,8 +54,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    summary = {k: report[k] for k in ("l0_sparsity", "l0_active", "fvu", "evr", "cos_sim", "cknna",
-                                      "decoder_orthogonality", "dead_neurons", "n_samples")}
+    summary = {k: report[k] for k in REPORT_KEYS}
     print(json.dumps(summary, indent=2))
     print(f"report written to {out}")
     return 0

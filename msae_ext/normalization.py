@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .store import EmbeddingDataError, EmbeddingSource, iter_blocks
+from .store import EmbeddingDataError, EmbeddingSource, iter_blocks, nonfinite_error, nonfinite_rows
 
 METADATA_KEY = "msae_normalization"
 MODALITIES = ("image", "text")
@@ -66,16 +66,14 @@ def compute_stats(source: EmbeddingSource, block_rows: int = 65536) -> ModalityS
     total = np.zeros(source.d_in, np.float64)
     n_bad, first_bad = 0, None
     for start, block in iter_blocks(source, block_rows):
-        bad = ~np.isfinite(block).all(axis=1)
+        bad = nonfinite_rows(block)
         if bad.any():
             n_bad += int(bad.sum())
             first_bad = first_bad if first_bad is not None else start + int(np.argmax(bad))
             continue
         total += block.sum(axis=0, dtype=np.float64)
     if n_bad:
-        raise EmbeddingDataError(
-            f"{source.description}: {n_bad} row(s) contain NaN or infinite values; the first is row {first_bad}"
-        )
+        raise nonfinite_error(source.description, n_bad, first_bad)
     mean = total / source.n_rows
     norm_sum = 0.0
     for _, block in iter_blocks(source, block_rows):

@@ -251,28 +251,22 @@ def iter_blocks(source: EmbeddingSource, block_rows: int = 65536) -> Iterator[tu
         yield start, source.read(start, min(source.n_rows, start + block_rows))
 
 
+def nonfinite_error(description: str, n_bad: int, first: int) -> EmbeddingDataError:
+    return EmbeddingDataError(
+        f"{description}: {n_bad} row(s) contain NaN or infinite values; the first is row {first}"
+    )
+
+
+def nonfinite_rows(block: np.ndarray) -> np.ndarray:
+    """Boolean mask of the rows holding a NaN or an infinity."""
+    return ~np.isfinite(block).all(axis=1)
+
+
 def check_finite_block(block: np.ndarray, offset: int, description: str) -> None:
-    bad = ~np.isfinite(block).all(axis=1)
+    """Raise if a block read at row `offset` holds NaN/inf rows (counted within the block)."""
+    bad = nonfinite_rows(block)
     if bad.any():
-        raise EmbeddingDataError(
-            f"{description}: {int(bad.sum())} row(s) in rows {offset}..{offset + len(block) - 1} contain NaN or "
-            f"infinite values; the first is row {offset + int(np.argmax(bad))}"
-        )
-
-
-def check_finite(source: EmbeddingSource, block_rows: int = 65536) -> None:
-    """Raise naming how many rows hold NaN/inf and the first one's index."""
-    n_bad, first = 0, None
-    for start, block in iter_blocks(source, block_rows):
-        bad = ~np.isfinite(block).all(axis=1)
-        if bad.any():
-            n_bad += int(bad.sum())
-            if first is None:
-                first = start + int(np.argmax(bad))
-    if n_bad:
-        raise EmbeddingDataError(
-            f"{source.description}: {n_bad} row(s) contain NaN or infinite values; the first is row {first}"
-        )
+        raise nonfinite_error(description, int(bad.sum()), offset + int(np.argmax(bad)))
 
 
 def read_all(source: EmbeddingSource, rows: np.ndarray | None = None) -> np.ndarray:

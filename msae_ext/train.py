@@ -43,7 +43,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 from .architectures import PaperTrainingSAE, register_all, training_classes
 from .config import TrainConfig
 from .normalization import METADATA_KEY, ModalityStats, compute_stats, stats_to_metadata
-from .store import BatchStream, EmbeddingSource, check_dimension, open_embeddings
+from .store import BatchStream, check_dimension, open_embeddings
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
