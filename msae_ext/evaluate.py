@@ -87,11 +87,12 @@ def train_linear_probe(
     with torch.no_grad():
         torch.nn.init.normal_(probe.weight, std=0.01, generator=g)
         probe.bias.zero_()
+    probe = probe.to(x.device)
     opt = torch.optim.AdamW(probe.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=2)
     best_acc, best_state = -1.0, None
     for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
+        perm = torch.randperm(len(x), generator=g).to(x.device)
         for s in range(0, len(x), batch_size):
             idx = perm[s : s + batch_size]
             loss = torch.nn.functional.cross_entropy(probe(x[idx]), y[idx])
@@ -129,7 +130,12 @@ def evaluate_sae(
     modality = modality or sae.cfg.metadata.get("modality") or "image"
     stats = get_stats(sae, modality)
     sae.eval()
-    sae.set_protocol(protocol)
+    # Any sae-lens SAE can be evaluated; only this package's family has the two protocols.
+    has_protocols = hasattr(sae, "set_protocol")
+    if has_protocols:
+        sae.set_protocol(protocol)
+    elif protocol != "paper":
+        raise ValueError(f"{sae.cfg.architecture()} SAEs have a single activation; use protocol='paper'")
     device = sae.W_dec.device
     n = source.n_rows
     rng = np.random.default_rng(seed)
@@ -183,7 +189,7 @@ def evaluate_sae(
         "architecture": sae.cfg.architecture(),
         "d_in": sae.cfg.d_in,
         "d_sae": sae.cfg.d_sae,
-        "soft_cap": sae.cfg.soft_cap,
+        "soft_cap": getattr(sae.cfg, "soft_cap", None),
     }
 
     x_sub = torch.from_numpy(read_all(source, sub_rows)).to(device)
@@ -211,7 +217,8 @@ def evaluate_sae(
                 progressive_recovery_figure({report["architecture"]: report["progressive_recovery"]},
                                             figure_dir / "progressive_recovery.png")),
         }
-    sae.set_protocol("paper")
+    if has_protocols:
+        sae.set_protocol("paper")
     return report
 
 

@@ -98,10 +98,21 @@ def stats_from_metadata(metadata: Any) -> dict[str, ModalityStats]:
     return {m: ModalityStats.from_dict(d) for m, d in (raw or {}).items()}
 
 
+def identity_stats(d_in: int) -> ModalityStats:
+    return ModalityStats(mean=torch.zeros(d_in), scale=1.0, n_rows=0, source="identity")
+
+
 def get_stats(sae: Any, modality: str) -> ModalityStats:
-    """The statistics of `modality` saved with an SAE, or a clear error."""
+    """The statistics of `modality` saved with an SAE, or a clear error.
+
+    An SAE written by `msae export` has its modality's statistics folded into the weights and
+    takes raw embeddings: it gets the identity for that modality.
+    """
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+    folded = sae.cfg.metadata.get("msae_folded_normalization") or {}
+    if modality in folded:
+        return identity_stats(sae.cfg.d_in)
     stats = stats_from_metadata(sae.cfg.metadata)
     if modality not in stats:
         have = sorted(stats) or "none"

@@ -323,6 +323,8 @@ def train(
 
     stats_path = out_dir / "normalization.json"
     checkpoint = latest_checkpoint(out_dir) if resume else None
+    if checkpoint is not None:
+        _check_same_run(cfg, out_dir)
     if checkpoint is not None and stats_path.exists():
         stats = ModalityStats.from_dict(json.loads(stats_path.read_text()))
     else:
@@ -431,6 +433,26 @@ def train(
     if run is not None:
         run.finish()
     return TrainResult(out_dir, sae, state.step, checkpoint, report)
+
+
+#: keys that may change between a killed run and its resumption
+RESUMABLE_CHANGES = {"wandb", "eval_every", "eval_rows", "checkpoint_every", "keep_checkpoints", "final_eval",
+                     "device"}
+
+
+def _check_same_run(cfg: TrainConfig, out_dir: Path) -> None:
+    saved_path = out_dir / "train_config.yaml"
+    if not saved_path.exists():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    current = cfg.to_dict()
+    changed = sorted(k for k in set(saved) | set(current)
+                     if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+    if changed:
+        raise ValueError(
+            f"{out_dir} holds checkpoints of a run with a different config (changed: {changed}); "
+            "pass --no-resume to start over there, or choose another --out"
+        )
 
 
 def save_inference_sae(sae: PaperTrainingSAE, out_dir: Path, trainer: PaperTrainer | None = None) -> None:

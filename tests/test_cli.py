@@ -79,6 +79,13 @@ def test_train_eval_report_export(tmp_path, embeddings, capsys):
     got = torch.from_numpy(np.load(tmp_path / "std_out.npy")).double()
     rel = float((got - expected).norm() / expected.norm())
     assert rel < 1e-5
+    # the exported SAE evaluates as taking raw embeddings, to the same numbers
+    assert main(["eval", "--sae", str(tmp_path / "std"), "--data", str(evalx), "--modality", "image",
+                 "--out", str(tmp_path / "std.json")]) == 0
+    std_report = json.loads((tmp_path / "std.json").read_text())
+    assert std_report["architecture"] == "standard"
+    for key in ("fvu", "cos_sim", "l0_active"):
+        assert std_report[key] == pytest.approx(report[key], rel=1e-4, abs=1e-6)
 
 
 def test_cli_errors_are_clear(tmp_path, embeddings, capsys):

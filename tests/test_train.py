@@ -104,6 +104,8 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, embeddings):
     assert all(torch.equal(wf[k], wc[k]) for k in wf)
     kept = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert len(kept) == 2 and kept[-1] == "step_000000048"
+    with pytest.raises(ValueError, match=r"different config \(changed: \['k_min'\]\)"):
+        train(cfg(train_path, epochs=3, checkpoint_every=5, k_min=8), tmp_path / "cut", progress=False)
 
 
 def test_bad_training_data_fails_before_training(tmp_path, embeddings):
@@ -125,3 +127,17 @@ def test_wandb_offline_needs_no_network(tmp_path, embeddings, monkeypatch):
     train(c, tmp_path / "w", progress=False)
     runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_and_evaluation_on_cuda(tmp_path, embeddings):
+    from msae_ext.evaluate import evaluate_sae, load_sae
+
+    train_path, eval_path, x = embeddings
+    r = train(cfg(train_path, eval_path, epochs=1, device="cuda", eval_every=8), tmp_path / "g", progress=False)
+    labels = (x[2048:, 0] > np.median(x[2048:, 0])).astype(np.int64)
+    sae = load_sae(tmp_path / "g", device="cuda")
+    report = evaluate_sae(sae, str(eval_path), labels=labels)
+    assert report["fvu"] == pytest.approx(r.eval_report["fvu"], rel=1e-4)
+    assert 0 <= report["lp_acc"] <= 1
