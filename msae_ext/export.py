@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .architectures import PaperSAE
-from .normalization import METADATA_KEY, get_stats
+from .normalization import FOLDED_METADATA_KEY, METADATA_KEY, get_stats
 
 
 def export_standard(sae: PaperSAE, modality: str, out_dir: str | Path) -> Path:
@@ -33,7 +33,7 @@ def export_standard(sae: PaperSAE, modality: str, out_dir: str | Path) -> Path:
     metadata = sae.cfg.metadata.to_dict()
     # The statistics are now inside the weights: keep them under another key, so nothing applies
     # them a second time (msae_ext.get_stats treats an exported SAE as taking raw embeddings).
-    metadata["msae_folded_normalization"] = {modality: metadata.pop(METADATA_KEY)[modality]}
+    metadata[FOLDED_METADATA_KEY] = {modality: metadata.pop(METADATA_KEY)[modality]}
     metadata.update({
         "msae_export": {"from_architecture": sae.cfg.architecture(), "modality": modality,
                         "folded": "x -> (x - mean) * scale; the SAE takes raw CLIP embeddings"},

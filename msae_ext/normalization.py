@@ -21,6 +21,8 @@ import torch
 from .store import EmbeddingDataError, EmbeddingSource, iter_blocks, nonfinite_error, nonfinite_rows
 
 METADATA_KEY = "msae_normalization"
+#: where `msae export` keeps statistics it folded into the weights (never applied again)
+FOLDED_METADATA_KEY = "msae_folded_normalization"
 MODALITIES = ("image", "text")
 
 
@@ -110,7 +112,7 @@ def get_stats(sae: Any, modality: str) -> ModalityStats:
     """
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
-    folded = sae.cfg.metadata.get("msae_folded_normalization") or {}
+    folded = sae.cfg.metadata.get(FOLDED_METADATA_KEY) or {}
     if modality in folded:
         return identity_stats(sae.cfg.d_in)
     stats = stats_from_metadata(sae.cfg.metadata)
