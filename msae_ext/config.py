@@ -42,6 +42,7 @@ class TrainConfig:
     weighting: str = "rw"  # MSAE: rw | uw
     alphas: list[float] | None = None  # MSAE, explicit level weights
     normalize_by_alpha_sum: bool = False  # MSAE: divide by sum(alpha), as the authors' code
+    nested_impl: str = "fused"  # MSAE: fused (one decode) | reference (one dense decode per level)
     recon_loss: str = "mse"  # mse | nmse (the authors' per-sample normalised MSE)
     l1_coefficient: float = 0.003  # ReLU (lambda)
     aux_loss_coefficient: float = 0.0  # TopK / BatchTopK AuxK (off in the paper)

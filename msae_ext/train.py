@@ -161,6 +161,7 @@ def build_training_sae(cfg: TrainConfig, d_in: int) -> PaperTrainingSAE:
             weighting=cfg.weighting,
             alphas=cfg.alphas,
             normalize_by_alpha_sum=cfg.normalize_by_alpha_sum,
+            nested_impl=cfg.nested_impl,
         )
     elif cfg.architecture == "relu":
         specific = dict(l1_coefficient=cfg.l1_coefficient)

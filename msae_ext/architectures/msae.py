@@ -8,8 +8,8 @@ level is d_sae itself, where TopK is the identity and z_h = ReLU(pre) is exactly
 activation. This is the paper's per-sample nested k, not sae-lens's `matryoshka_batchtopk`
 (Bussmann et al.: fixed latent-prefix groups with a global batch top-k).
 
-`nested_topk_loss_reference` below is the plain per-level implementation (one dense decode per
-level): clear, and the oracle any faster implementation is tested against.
+The loss itself lives in `nested_topk.py`: the fused one-decode implementation used for training
+and the plain per-level reference it is tested against (`nested_impl` picks one).
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ from typing_extensions import override
 
 from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
 
-from .base import (
-    PaperSAEConfig,
-    PaperTrainingSAE,
-    PaperTrainingSAEConfig,
-    reconstruction_loss,
-    soft_cap,
+from .base import PaperSAEConfig, PaperTrainingSAE, PaperTrainingSAEConfig, soft_cap
+from .nested_topk import (  # noqa: F401  (re-exported)
+    nested_level_activations,
+    nested_topk_loss_fused,
+    nested_topk_loss_reference,
 )
 
 
@@ -74,48 +73,6 @@ def resolve_alphas(
     raise ValueError(f"unknown weighting {weighting!r}; expected 'rw', 'uw' or explicit alphas")
 
 
-def nested_level_activations(
-    hidden_pre: torch.Tensor, k_list: list[int], cap: float | None
-) -> list[torch.Tensor]:
-    """z_i for every level from one descending top-k over the largest partial level."""
-    d_sae = hidden_pre.shape[-1]
-    partial = [k for k in k_list if k < d_sae]
-    if partial:
-        values, indices = hidden_pre.topk(max(partial), dim=-1, sorted=True)
-        values = values.relu()
-    levels = []
-    for k in k_list:
-        if k >= d_sae:
-            z = hidden_pre.relu()
-        else:
-            z = torch.zeros_like(hidden_pre).scatter(-1, indices[:, :k], values[:, :k])
-        levels.append(soft_cap(z, cap))
-    return levels
-
-
-def nested_topk_loss_reference(
-    x: torch.Tensor,
-    hidden_pre: torch.Tensor,
-    W_dec: torch.Tensor,
-    b_dec: torch.Tensor,
-    k_list: list[int],
-    alphas: list[float],
-    cap: float | None = None,
-    recon_loss: Literal["mse", "nmse"] = "mse",
-    normalize_by_alpha_sum: bool = False,
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """Reference MSAE loss: one dense decode per level. Returns (loss, level losses, level outputs)."""
-    level_losses, outputs = [], []
-    for z in nested_level_activations(hidden_pre, k_list, cap):
-        x_hat = z @ W_dec + b_dec
-        outputs.append(x_hat)
-        level_losses.append(reconstruction_loss(x_hat, x, recon_loss))
-    loss = sum(a * l for a, l in zip(alphas, level_losses))
-    if normalize_by_alpha_sum:
-        loss = loss / sum(alphas)
-    return loss, level_losses, outputs
-
-
 @dataclass
 class MSAEConfig(PaperSAEConfig):
     """Inference config of the Matryoshka SAE: ReLU only unless inference_k is set."""
@@ -135,6 +92,8 @@ class MSAETrainingSAEConfig(PaperTrainingSAEConfig):
     k_list: explicit levels; if None, built from k_min (see resolve_k_list) at construction.
     weighting: 'rw' (alpha_i = h - i + 1) or 'uw' (alpha_i = 1); `alphas` overrides both.
     normalize_by_alpha_sum: divide the weighted sum by sum(alpha) as the authors' code does.
+    nested_impl: 'fused' (one decode, see nested_topk.py) or 'reference' (one dense decode per
+        level). Same loss and gradients; the reference is the slow oracle.
     """
 
     k_list: list[int] | None = None
@@ -142,8 +101,11 @@ class MSAETrainingSAEConfig(PaperTrainingSAEConfig):
     weighting: Literal["rw", "uw"] = "rw"
     alphas: list[float] | None = None
     normalize_by_alpha_sum: bool = False
+    nested_impl: Literal["fused", "reference"] = "fused"
 
     def __post_init__(self) -> None:
+        if self.nested_impl not in ("fused", "reference"):
+            raise ValueError(f"nested_impl must be 'fused' or 'reference', got {self.nested_impl!r}")
         self.k_list = resolve_k_list(self.d_sae, self.k_list, self.k_min)
         self.alphas = resolve_alphas(len(self.k_list), self.weighting, self.alphas)
         super().__post_init__()
@@ -171,7 +133,8 @@ class MSAETrainingSAE(PaperTrainingSAE):
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         x = step_input.sae_in
         hidden_pre = self.hidden_pre(x)
-        loss, level_losses, outputs = nested_topk_loss_reference(
+        loss_fn = nested_topk_loss_fused if self.cfg.nested_impl == "fused" else nested_topk_loss_reference
+        loss, level_losses, outputs = loss_fn(
             x,
             hidden_pre,
             self.W_dec,

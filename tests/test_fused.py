@@ -1,0 +1,162 @@
+"""The fused MSAE step against the per-level reference: loss, level losses, outputs, every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sae_lens.saes.sae import TrainStepInput
+
+from msae_ext.architectures import MSAETrainingSAE, MSAETrainingSAEConfig
+from msae_ext.architectures.nested_topk import (
+    SegmentDecode,
+    nested_selection,
+    nested_topk_loss_fused,
+    nested_topk_loss_reference,
+)
+
+RTOL = 1e-5
+
+
+def _pair(d_in, d_sae, seed, **cfg):
+    """Two identical SAEs, one per implementation."""
+    saes = []
+    for impl in ("fused", "reference"):
+        torch.manual_seed(seed)
+        saes.append(MSAETrainingSAE(MSAETrainingSAEConfig(d_in=d_in, d_sae=d_sae, nested_impl=impl, **cfg)))
+    return saes
+
+
+def _step(sae, x):
+    out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None,
+                                                   n_training_steps=0, is_logging_step=False))
+    out.loss.backward()
+    return out
+
+
+def _rel(a, b):
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _check_same(fused, ref, x):
+    of, orf = _step(fused, x), _step(ref, x)
+    assert _rel(of.loss, orf.loss) < RTOL
+    for key in orf.losses:
+        assert _rel(of.losses[key], orf.losses[key]) < RTOL, key
+    assert _rel(of.sae_out, orf.sae_out) < RTOL
+    for (name, pf), (_, pr) in zip(fused.named_parameters(), ref.named_parameters()):
+        assert pr.grad is not None and pr.grad.norm() > 0, name
+        assert _rel(pf.grad, pr.grad) < RTOL, (name, _rel(pf.grad, pr.grad))
+
+
+CASES = {
+    "default_rw": dict(k_list=[4, 8, 16, 32, 64, 128]),
+    "k_min_levels": dict(k_min=8),
+    "uw": dict(k_min=16, weighting="uw"),
+    "explicit_alphas": dict(k_list=[3, 10, 40, 128], alphas=[0.5, 0.0, 2.0, 1.0]),
+    "soft_cap": dict(k_list=[4, 16, 64, 128], soft_cap=0.7),
+    "nmse": dict(k_list=[4, 16, 64, 128], recon_loss="nmse"),
+    "alpha_sum": dict(k_list=[4, 16, 64, 128], normalize_by_alpha_sum=True),
+    "one_level_partial": dict(k_list=[16]),
+    "one_level_full": dict(k_list=[128]),
+    "no_full_level": dict(k_list=[8, 24, 100]),
+    "everything": dict(k_list=[5, 17, 50, 128], alphas=[3.0, 1.0, 0.5, 2.0], soft_cap=1.3,
+                       recon_loss="nmse", normalize_by_alpha_sum=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fused_matches_reference(case, seed):
+    fused, ref = _pair(24, 128, seed, **CASES[case])
+    torch.manual_seed(100 + seed)
+    with torch.no_grad():  # trained-like encoder, not W_dec^T, so that levels differ
+        for sae in (fused, ref):
+            sae.b_enc.normal_(0, 0.3, generator=torch.Generator().manual_seed(seed))
+            sae.b_dec.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed + 7))
+    x = torch.randn(96, 24, generator=torch.Generator().manual_seed(seed + 3))
+    partial = nested_selection(fused.hidden_pre(x), fused.cfg.k_list).partial
+    if fused.cfg.k_list[0] < 128:
+        assert partial and partial[0] == fused.cfg.k_list[0]  # the sorted path is exercised
+    _check_same(fused, ref, x)
+
+
+def test_ties_in_pre_activations():
+    """Duplicated encoder columns give exactly tied pre-activations with different decoder rows."""
+    fused, ref = _pair(16, 64, 0, k_list=[2, 5, 8, 20, 64])
+    with torch.no_grad():
+        for sae in (fused, ref):
+            sae.W_enc[:, 32:] = sae.W_enc[:, :32]
+            sae.b_enc.zero_()
+    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(1)).round()  # more ties
+    pre = fused.hidden_pre(x)
+    assert (pre[:, 32:] == pre[:, :32]).all()
+    _check_same(fused, ref, x)
+
+
+def test_fewer_positive_pre_activations_than_k():
+    """Rows with fewer positives than the smallest k, and rows with none at all."""
+    fused, ref = _pair(16, 64, 2, k_list=[8, 16, 32, 64])
+    x = torch.randn(80, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        shift = float(torch.quantile(fused.hidden_pre(x).flatten(), 0.9))
+        for sae in (fused, ref):
+            sae.b_enc.fill_(-shift)
+    x[:5] = 0.0  # no positive pre-activation at all
+    n_pos = (fused.hidden_pre(x) > 0).sum(-1)
+    assert int(n_pos.min()) == 0 and int(n_pos.max()) > 8 and int((n_pos < 8).sum()) > 10
+    _check_same(fused, ref, x)
+
+
+def test_selection_collapses_levels_at_or_above_the_positive_count():
+    pre = torch.tensor([[3.0, -1.0, 2.0, 0.5, -2.0, 1.0], [0.1, -1.0, -2.0, -3.0, -4.0, -5.0]])
+    sel = nested_selection(pre, [1, 2, 4, 6])
+    assert sel.partial == [1, 2]  # at most 4 positives: level 4 keeps them all
+    assert sel.indices[0].tolist() == [0, 2]
+
+
+def test_segment_decode_gradients_match_autograd_of_dense_math():
+    torch.manual_seed(0)
+    B, D, d = 7, 40, 5
+    counts = torch.tensor([3, 0, 5, 1, 2, 4, 0])
+    idx = torch.randint(0, D, (int(counts.sum()),))
+    c = torch.rand(int(counts.sum()), dtype=torch.float64, requires_grad=True)
+    W = torch.randn(D, d, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda c, W: SegmentDecode.apply(c, idx, W, counts), (c, W))
+    # the same through a dense scatter
+    bag = torch.repeat_interleave(torch.arange(B), counts)
+    Z = torch.zeros(B, D, dtype=torch.float64).index_put((bag, idx), c, accumulate=True)
+    torch.testing.assert_close(SegmentDecode.apply(c, idx, W, counts), Z @ W)
+
+
+def test_large_segments_take_the_dense_gradient_path():
+    """A segment with more active entries than DENSE_SEGMENT_FRACTION of the width per row."""
+    torch.manual_seed(3)
+    x = torch.randn(64, 8)
+    W_enc = torch.randn(8, 48)
+    pre = (x @ W_enc).requires_grad_()
+    W = torch.randn(48, 8, requires_grad=True)
+    b = torch.zeros(8, requires_grad=True)
+    args = (x, pre, W, b, [2, 20, 48], [1.0, 2.0, 3.0])
+    grads = []
+    for fn in (nested_topk_loss_fused, nested_topk_loss_reference):
+        loss = fn(*args)[0]
+        grads.append(torch.autograd.grad(loss, (pre, W, b)))
+    for gf, gr in zip(*grads):
+        assert _rel(gf, gr) < RTOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
+def test_fused_matches_reference_on_cuda_and_under_bf16_autocast():
+    fused, ref = _pair(32, 256, 0, k_list=[8, 32, 128, 256])
+    fused.cuda(), ref.cuda()
+    x = torch.randn(512, 32, device="cuda")
+    _check_same(fused, ref, x)
+    fused.zero_grad()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = fused.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None,
+                                                         n_training_steps=0, is_logging_step=False))
+    assert out.loss.dtype == torch.float32
+    out.loss.backward()
+    assert _rel(out.loss.detach(), _step(ref, x).loss.detach()) < 2e-2
