@@ -15,6 +15,8 @@ from pathlib import Path
 EPILOG = """examples:
   msae demo                                    # offline end-to-end run on synthetic data
   msae train run.yaml --set lr=1e-4 --set wandb.mode=offline --out runs/msae_rw
+  msae train sweep.yaml --out runs/sweep            # a config with `saes:` trains them all on one data pass
+  torchrun --nproc_per_node 4 -m msae_cli train run.yaml --set device=cuda --out runs/msae_rw
   msae eval --sae runs/msae_rw --data imagenet_val.npy --modality image --out runs/msae_rw/imagenet.json
   msae report runs/*/eval.json --out report/
   msae export --sae runs/msae_rw --format standard --modality image --out exported/msae_rw_image
@@ -22,17 +24,23 @@ EPILOG = """examples:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import os
+
     from msae_ext.config import load_config
-    from msae_ext.train import train
+    from msae_ext.train import train, train_many
 
     cfg = load_config(args.config, args.set)
-    result = train(cfg, args.out, resume=not args.no_resume, progress=not args.no_progress)
-    if result.resumed_from is not None:
-        print(f"resumed from {result.resumed_from}")
-    print(f"trained {result.steps} steps; SAE saved in {result.out_dir}")
-    if result.eval_report:
-        keys = ("l0_sparsity", "l0_active", "fvu", "cos_sim", "cknna", "dead_neurons")
-        print(json.dumps({k: result.eval_report[k] for k in keys}, indent=2))
+    run = train_many if cfg.saes else train
+    results = run(cfg, args.out, resume=not args.no_resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    for result in results if isinstance(results, list) else [results]:
+        if result.resumed_from is not None:
+            print(f"resumed from {result.resumed_from}")
+        print(f"trained {result.steps} steps; SAE saved in {result.out_dir}")
+        if result.eval_report:
+            keys = ("l0_sparsity", "l0_active", "fvu", "cos_sim", "cknna", "dead_neurons")
+            print(json.dumps({k: result.eval_report[k] for k in keys}, indent=2))
     return 0
 
 
@@ -103,9 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train one SAE from a YAML config",
-                       description="Train an SAE. Keys: see msae_ext/config.py (TrainConfig). A run killed "
-                                   "and restarted with the same --out resumes from its last checkpoint.")
+    t = sub.add_parser("train", help="train one SAE (or several on one data pass) from a YAML config",
+                       description="Train an SAE. Keys: see msae_ext/config.py (TrainConfig). A config with "
+                                   "`saes:` (a list of per-SAE overrides) trains all of them on one stream of "
+                                   "batches, each into --out/<name>/. A run killed and restarted with the same "
+                                   "--out resumes from its last checkpoint. Under `torchrun --nproc_per_node N "
+                                   "-m msae_cli train ...` each process trains on 1/N of every batch (DDP).")
     t.add_argument("config", nargs="?", help="YAML config (optional: everything can come from --set)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (YAML value; dots for nested keys, e.g. wandb.mode=offline)")

@@ -30,6 +30,12 @@ class WandbConfig:
             raise ValueError(f"wandb.mode must be online, offline or disabled, got {self.mode!r}")
 
 
+#: keys that define the stream of batches and the run's schedule, shared by all SAEs of a run
+SHARED_KEYS = {"train_data", "eval_data", "modality", "batch_size", "epochs", "chunk_rows", "buffer_rows",
+               "device", "data_seed", "eval_every", "eval_rows", "checkpoint_every", "keep_checkpoints",
+               "final_eval", "data_on_device", "dead_feature_window", "autocast", "compile"}
+
+
 @dataclass
 class TrainConfig:
     # architecture (section 3)
@@ -56,7 +62,8 @@ class TrainConfig:
     grad_clip_norm: float = 1.0
     batch_size: int = 4096
     epochs: int = 30
-    seed: int = 42
+    seed: int = 42  # initialisation (and the data order unless data_seed is set)
+    data_seed: int | None = None  # order of the batches; None -> seed
     # data
     train_data: Any = None  # path spec, see msae_ext.store
     eval_data: Any = None  # held-out split for evaluation during and after training
@@ -66,6 +73,9 @@ class TrainConfig:
     # run
     device: str = "cpu"
     dtype: str = "float32"
+    autocast: bool = False  # bf16 autocast for the GEMMs; top-k selection and losses stay float32
+    compile: bool = False  # torch.compile the training forward pass
+    data_on_device: Any = "auto"  # keep the whole training set on the GPU: auto (if it fits) | true | false
     eval_every: int = 500  # steps; 0 = only at the end
     eval_rows: int = 10000
     checkpoint_every: int = 500  # steps; also at the end of every epoch
@@ -73,6 +83,9 @@ class TrainConfig:
     dead_feature_window: int = 1000  # steps without firing before a latent counts as dead
     final_eval: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # several SAEs on one data pass: a list of per-SAE overrides of the keys above (see member_configs)
+    saes: list[dict[str, Any]] | None = None
+    name: str | None = None  # this SAE's folder inside a multi-SAE run
 
     def __post_init__(self) -> None:
         if isinstance(self.wandb, dict):
@@ -92,6 +105,48 @@ class TrainConfig:
         for key in ("batch_size", "epochs"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.data_on_device not in ("auto", True, False):
+            raise ValueError(f"data_on_device must be auto, true or false, got {self.data_on_device!r}")
+        if self.saes is not None:
+            self.member_configs()  # validate early
+
+    @property
+    def stream_seed(self) -> int:
+        return int(self.data_seed) if self.data_seed is not None else int(self.seed)
+
+    def member_configs(self) -> list["TrainConfig"]:
+        """The config of every SAE in `saes`: the top-level keys updated by the entry.
+
+        Keys that define the shared stream of batches (SHARED_KEYS) may only be set at the top
+        level. Each member's `data_seed` is the run's, so its config alone reproduces it as a
+        separate run.
+        """
+        if not self.saes:
+            raise ValueError("saes is empty; list at least one SAE or remove the key")
+        base = self.to_dict()
+        base.pop("saes")
+        base["data_seed"] = self.stream_seed
+        members, names = [], set()
+        for i, entry in enumerate(self.saes):
+            if not isinstance(entry, dict):
+                raise ValueError(f"saes[{i}] must be a mapping of config keys, got {entry!r}")
+            shared = sorted(set(entry) & SHARED_KEYS)
+            if shared:
+                raise ValueError(f"saes[{i}] sets {shared}, which all SAEs of one run share; set them at the top level")
+            if "saes" in entry:
+                raise ValueError(f"saes[{i}] cannot itself list saes")
+            d = {**base, **entry}
+            if isinstance(entry.get("wandb"), dict):
+                d["wandb"] = {**base["wandb"], **entry["wandb"]}
+            name = str(entry.get("name") or f"{i:02d}_{d['architecture']}")
+            if not name.replace("-", "").replace("_", "").replace(".", "").isalnum() or name.startswith("."):
+                raise ValueError(f"saes[{i}]: name {name!r} must be a plain folder name (letters, digits, - _ .)")
+            if name in names:
+                raise ValueError(f"saes[{i}]: name {name!r} is used twice")
+            names.add(name)
+            d["name"] = name
+            members.append(TrainConfig.from_dict(d))
+        return members
 
     @property
     def learning_rate(self) -> float:

@@ -42,8 +42,9 @@ from sae_lens.training.sae_trainer import SAETrainer
 
 from .architectures import PaperTrainingSAE, register_all, training_classes
 from .config import TrainConfig
+from .distributed import DistEnv, StepModule, all_reduce_, init_distributed
 from .normalization import METADATA_KEY, ModalityStats, compute_stats, stats_to_metadata
-from .store import BatchStream, check_dimension, open_embeddings
+from .store import BatchStream, ResidentBatches, check_dimension, fits_on_device, open_embeddings
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -94,9 +95,15 @@ class PaperTrainer(SAETrainer):
         lr_schedule: str,
         lr_decay_start: float,
         grad_clip_norm: float = 1.0,
+        step_module: torch.nn.Module | None = None,
+        world: int = 1,
     ):
         super().__init__(cfg, sae, data_provider=iter(()))
         self.grad_clip_norm = grad_clip_norm
+        # the forward the step runs: the SAE itself, or a DistributedDataParallel wrapper of it
+        self.step_module = step_module
+        self.world = world
+        self.last_did_fire: torch.Tensor | None = None
         self.optimizer = torch.optim.AdamW(
             sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=weight_decay
         )
@@ -104,17 +111,32 @@ class PaperTrainer(SAETrainer):
             self.optimizer, lr_lambda(lr_schedule, cfg.total_training_steps, lr_decay_start)
         )
 
+    def step(self, batch: torch.Tensor):  # type: ignore[override]
+        """One step on this process's rows; under torchrun the sample count is the global batch's."""
+        out = super().step(batch)
+        self.n_training_samples += (self.world - 1) * batch.shape[0]
+        return out
+
     def _train_step(self, sae, sae_in):  # type: ignore[override]
         sae.train()
+        step_input = self._step_input(sae_in)
         with self.autocast_if_enabled:
-            out = sae.training_forward_pass(step_input=self._step_input(sae_in))
-            with torch.no_grad():
-                fired = out.feature_acts > 0
-                did_fire = fired.any(dim=0)
-                self.n_forward_passes_since_fired += 1
-                self.n_forward_passes_since_fired[did_fire] = 0
-                self.act_freq_scores += fired.sum(0)
-                self.n_frac_active_samples += self.cfg.train_batch_size_samples
+            if self.step_module is not None:
+                out = self.step_module(step_input)
+            else:
+                out = sae.training_forward_pass(step_input=step_input)
+        with torch.no_grad():
+            fired = out.feature_acts > 0
+            fired_count = fired.sum(0).to(self.act_freq_scores.dtype)
+            did_fire = fired.any(dim=0)
+            if self.world > 1:  # firing statistics of the global batch
+                all_reduce_(fired_count, "sum")
+                did_fire = all_reduce_(did_fire.to(torch.int32), "max").bool()
+            self.last_did_fire = did_fire
+            self.n_forward_passes_since_fired += 1
+            self.n_forward_passes_since_fired[did_fire] = 0
+            self.act_freq_scores += fired_count
+            self.n_frac_active_samples += self.cfg.train_batch_size_samples
         out.loss.backward()
         remove_parallel_decoder_grad(sae.W_dec)
         torch.nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip_norm)
@@ -302,6 +324,124 @@ def _init_wandb(cfg: TrainConfig, out_dir: Path, resume_id: str | None):
     return run
 
 
+class _Member:
+    """One SAE of a run: its folder, model, optimiser, state, checkpoints, logs and wandb run."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: Path, d_in: int, stats: ModalityStats, steps_per_epoch: int,
+                 env: DistEnv, resume: bool, resume_step: int | None = None):
+        self.cfg, self.out_dir, self.stats, self.env = cfg, out_dir, stats, env
+        out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = None
+        if resume:
+            if resume_step is not None:
+                path = out_dir / CHECKPOINTS / f"step_{resume_step:09d}"
+                checkpoint = path if (path / "run_state.json").exists() else None
+            else:
+                checkpoint = latest_checkpoint(out_dir)
+        if checkpoint is not None:
+            _check_same_run(cfg, out_dir)
+        self.checkpoint = checkpoint
+
+        torch.manual_seed(cfg.seed)
+        sae = build_training_sae(cfg, d_in)
+        sae.cfg.metadata[METADATA_KEY] = stats_to_metadata({cfg.modality: stats})
+        sae.cfg.metadata.msae_train_config = cfg.to_dict()
+        sae.cfg.metadata.modality = cfg.modality
+        self.sae = sae
+        step_module = None
+        if env.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            step_module = DistributedDataParallel(StepModule(sae), device_ids=None, broadcast_buffers=False)
+        elif cfg.compile:
+            step_module = torch.compile(StepModule(sae))
+        total_steps = steps_per_epoch * cfg.epochs
+        trainer_cfg = SAETrainerConfig(
+            total_training_samples=total_steps * cfg.batch_size,
+            train_batch_size_samples=cfg.batch_size,
+            lr=cfg.learning_rate,
+            lr_end=0.0,
+            adam_beta1=float(cfg.adam_betas[0]),
+            adam_beta2=float(cfg.adam_betas[1]),
+            device=cfg.device,
+            autocast=cfg.autocast,
+            dead_feature_window=cfg.dead_feature_window,
+            feature_sampling_window=max(1, steps_per_epoch),
+            logger=LoggingConfig(log_to_wandb=False),
+        )
+        self.trainer = PaperTrainer(
+            trainer_cfg, sae, weight_decay=cfg.weight_decay, lr_schedule=cfg.lr_schedule,
+            lr_decay_start=cfg.lr_decay_start, grad_clip_norm=cfg.grad_clip_norm, step_module=step_module,
+            world=env.world,
+        )
+        self.state = RunState()
+        self.fired_epoch = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=cfg.device)
+        if checkpoint is not None:
+            self.state = load_checkpoint(checkpoint, self.trainer, self.fired_epoch)
+        self.run = None
+        if env.is_main:
+            (out_dir / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            resume_id = (out_dir / "wandb_run_id").read_text().strip() if (
+                checkpoint is not None and (out_dir / "wandb_run_id").exists()) else None
+            self.run = _init_wandb(cfg, out_dir, resume_id)
+        self.log_path = out_dir / "training_log.jsonl"
+
+    def train_step(self, x: torch.Tensor, eval_x: torch.Tensor | None):
+        cfg, trainer, state = self.cfg, self.trainer, self.state
+        out = trainer.step(self.env.shard(x))
+        self.fired_epoch |= trainer.last_did_fire  # type: ignore[arg-type]
+        trainer.n_training_steps += 1
+        state.step += 1
+        state.batch_in_epoch += 1
+        trainer.maybe_reset_sparsity()
+        if self.run is not None and state.step % cfg.wandb.log_every == 0:
+            self.run.log(trainer.build_train_step_log_dict(out, trainer.n_training_samples), step=state.step)
+        if (self.env.is_main and eval_x is not None and cfg.eval_every > 0 and state.step % cfg.eval_every == 0):
+            _log_eval(self.sae, eval_x, self.stats, state, trainer, self.run, self.log_path)
+        return out
+
+    def end_epoch(self, epoch: int, elapsed: float) -> None:
+        dead_epoch = int((~self.fired_epoch).sum())
+        if self.env.is_main:
+            _append_log(self.log_path, {"event": "epoch_end", "epoch": epoch, "step": self.state.step,
+                                        "dead_latents_epoch": dead_epoch,
+                                        "dead_latents_window": int(self.trainer.dead_neurons.sum()),
+                                        "elapsed_s": round(elapsed, 2)})
+        if self.run is not None:
+            self.run.log({"sparsity/dead_latents_epoch": dead_epoch}, step=self.state.step)
+        self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
+        self.fired_epoch.zero_()
+
+    def save(self, keep: int) -> None:
+        if self.env.is_main:
+            save_checkpoint(self.out_dir, self.trainer, self.state, keep, self.fired_epoch)
+
+    def finish(self, eval_source, progress: bool) -> TrainResult:
+        sae, trainer, cfg = self.sae, self.trainer, self.cfg
+        trainer.set_final_sae_metadata()
+        sae.cfg.metadata.dead_latents_train_last_epoch = int((~self.fired_epoch).sum())
+        sae.cfg.metadata.training_steps = self.state.step
+        report = None
+        if self.env.is_main:
+            save_inference_sae(sae, self.out_dir, trainer)
+            if eval_source is not None and cfg.final_eval:
+                from .evaluate import evaluate_sae, load_sae
+
+                report = evaluate_sae(load_sae(self.out_dir, device=cfg.device), eval_source,
+                                      modality=cfg.modality, progress=progress)
+                report["dead_neurons_train"] = sae.cfg.metadata.dead_latents_train_last_epoch
+                write_text_atomic(self.out_dir / "eval.json", json.dumps(report, indent=2))
+                if self.run is not None:
+                    self.run.summary.update({f"eval/{k}": v for k, v in report.items()
+                                             if isinstance(v, (int, float))})
+        if self.run is not None:
+            self.run.finish()
+        return TrainResult(self.out_dir, sae, self.state.step, self.checkpoint, report)
+
+
+MULTI_STATE = "multi_state.json"
+
+
 def train(
     cfg: TrainConfig,
     out_dir: str | Path,
@@ -310,135 +450,125 @@ def train(
     progress: bool = True,
     stop_after_steps: int | None = None,
 ) -> TrainResult:
-    """Train one SAE as `cfg` says into `out_dir` (see module docstring)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.train_data is None:
-        raise ValueError("train_data is not set (a path to embeddings; see msae_ext.store)")
+    """Train the one SAE `cfg` describes into `out_dir` (see module docstring)."""
+    if cfg.saes:
+        raise ValueError("this config lists several SAEs (`saes:`); use train_many (or `msae train`)")
+    return _run([cfg], [Path(out_dir)], Path(out_dir), resume, progress, stop_after_steps)[0]
 
-    source = open_embeddings(cfg.train_data)
-    eval_source = open_embeddings(cfg.eval_data) if cfg.eval_data is not None else None
+
+def train_many(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+) -> list[TrainResult]:
+    """Train every SAE of `cfg.saes` on one shared stream of batches, each into `out_dir/<name>/`.
+
+    Each SAE has its own optimiser, checkpoints, logs and report, and ends with the weights a
+    separate run of its own config (`out_dir/<name>/train_config.yaml`) would give.
+    """
+    members = cfg.member_configs()
+    names = [m.name for m in members]
+    return _run(members, [Path(out_dir) / n for n in names], Path(out_dir), resume, progress, stop_after_steps)  # type: ignore[arg-type]
+
+
+def _run(cfgs: list[TrainConfig], dirs: list[Path], root: Path, resume: bool, progress: bool,
+         stop_after_steps: int | None) -> list[TrainResult]:
+    base = cfgs[0]
+    env, device = init_distributed(base.device)
+    if env.enabled:
+        if base.batch_size % env.world:
+            raise ValueError(f"batch_size {base.batch_size} is not divisible by the {env.world} processes")
+        for c in cfgs:
+            c.device = device
+    root.mkdir(parents=True, exist_ok=True)
+    if base.train_data is None:
+        raise ValueError("train_data is not set (a path to embeddings; see msae_ext.store)")
+    source = open_embeddings(base.train_data)
+    eval_source = open_embeddings(base.eval_data) if base.eval_data is not None else None
     if eval_source is not None:
         check_dimension(eval_source, source.d_in)
-    d_in = source.d_in
 
-    stats_path = out_dir / "normalization.json"
-    checkpoint = latest_checkpoint(out_dir) if resume else None
-    if checkpoint is not None:
-        _check_same_run(cfg, out_dir)
-    if checkpoint is not None and stats_path.exists():
-        stats = ModalityStats.from_dict(json.loads(stats_path.read_text()))
-    else:
+    # statistics of the training split, shared by every SAE of the run; rank 0 computes them
+    stats_path = root / "normalization.json"
+    multi = len(cfgs) > 1 or dirs[0] != root
+    resume_step = None
+    if resume and multi and (root / MULTI_STATE).exists():
+        resume_step = json.loads((root / MULTI_STATE).read_text())["step"]
+    resuming = resume and (resume_step is not None or (not multi and latest_checkpoint(root) is not None))
+    if env.is_main and not (resuming and stats_path.exists()):
         stats = compute_stats(source)  # also rejects NaN / inf rows
         write_text_atomic(stats_path, json.dumps(stats.to_dict()))
+    env.barrier()
+    stats = ModalityStats.from_dict(json.loads(stats_path.read_text()))
+    for d in dirs:
+        if d != root and env.is_main:
+            d.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(d / "normalization.json", json.dumps(stats.to_dict()))
 
-    torch.manual_seed(cfg.seed)
-    sae = build_training_sae(cfg, d_in)
-    sae.cfg.metadata[METADATA_KEY] = stats_to_metadata({cfg.modality: stats})
-    sae.cfg.metadata.msae_train_config = cfg.to_dict()
-    sae.cfg.metadata.modality = cfg.modality
-
-    stream = BatchStream(source, cfg.batch_size, seed=cfg.seed, chunk_rows=cfg.chunk_rows,
-                         buffer_rows=cfg.buffer_rows)
-    steps_per_epoch = stream.batches_per_epoch
-    total_steps = steps_per_epoch * cfg.epochs
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=total_steps * cfg.batch_size,
-        train_batch_size_samples=cfg.batch_size,
-        lr=cfg.learning_rate,
-        lr_end=0.0,
-        adam_beta1=float(cfg.adam_betas[0]),
-        adam_beta2=float(cfg.adam_betas[1]),
-        device=cfg.device,
-        dead_feature_window=cfg.dead_feature_window,
-        feature_sampling_window=max(1, steps_per_epoch),
-        logger=LoggingConfig(log_to_wandb=False),
-    )
-    trainer = PaperTrainer(
-        trainer_cfg,
-        sae,
-        weight_decay=cfg.weight_decay,
-        lr_schedule=cfg.lr_schedule,
-        lr_decay_start=cfg.lr_decay_start,
-        grad_clip_norm=cfg.grad_clip_norm,
-    )
-    state = RunState()
-    fired_epoch = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=cfg.device)
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, trainer, fired_epoch)
-    (out_dir / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-    resume_id = (out_dir / "wandb_run_id").read_text().strip() if (
-        checkpoint is not None and (out_dir / "wandb_run_id").exists()) else None
-    run = _init_wandb(cfg, out_dir, resume_id)
+    stream = BatchStream(source, base.batch_size, seed=base.stream_seed, chunk_rows=base.chunk_rows,
+                         buffer_rows=base.buffer_rows)
+    members = [_Member(c, d, source.d_in, stats, stream.batches_per_epoch, env, resume and (resuming or not multi),
+                       resume_step if multi else None) for c, d in zip(cfgs, dirs)]
+    state = members[0].state
+    if any((m.state.epoch, m.state.batch_in_epoch, m.state.step) != (state.epoch, state.batch_in_epoch, state.step)
+           for m in members):
+        raise RuntimeError(f"the SAEs in {root} were checkpointed at different steps; restart with --no-resume")
+    batches = stream
+    if base.data_on_device is True or (base.data_on_device == "auto" and fits_on_device(source, device)):
+        batches = ResidentBatches(stream, device)  # type: ignore[assignment]
 
     eval_x = None
-    if eval_source is not None and (cfg.eval_every > 0 or cfg.final_eval):
+    if env.is_main and eval_source is not None and (base.eval_every > 0 or base.final_eval):
         from .store import read_all
 
-        n = min(eval_source.n_rows, cfg.eval_rows)
-        rows = np.sort(np.random.default_rng(cfg.seed).choice(eval_source.n_rows, n, replace=False))
+        n = min(eval_source.n_rows, base.eval_rows)
+        rows = np.sort(np.random.default_rng(base.seed).choice(eval_source.n_rows, n, replace=False))
         eval_x = torch.from_numpy(read_all(eval_source, rows))
 
-    log_path = out_dir / "training_log.jsonl"
-    pbar = _progress(total_steps, state.step, f"train {cfg.architecture}", progress)
+    total_steps = stream.batches_per_epoch * base.epochs
+    desc = f"train {base.architecture}" if len(cfgs) == 1 else f"train {len(cfgs)} SAEs"
+    pbar = _progress(total_steps, state.step, desc, progress and env.is_main)
     start = time.time()
+
+    def save_all() -> None:
+        keep = max(2, base.keep_checkpoints) if multi else base.keep_checkpoints
+        for m in members:
+            m.save(keep)
+        if multi and env.is_main:
+            write_text_atomic(root / MULTI_STATE, json.dumps({"step": members[0].state.step,
+                                                               "saes": [d.name for d in dirs]}))
+        env.barrier()
+
     try:
-        for epoch in range(state.epoch, cfg.epochs):
-            if state.batch_in_epoch == 0:
-                fired_epoch.zero_()
-            for batch in stream.epoch_batches(epoch, state.batch_in_epoch):
-                x = stats.apply(batch.to(cfg.device))
-                out = trainer.step(x)
-                fired_epoch |= (out.feature_acts > 0).any(dim=0)
-                trainer.n_training_steps += 1
-                state.step += 1
-                state.batch_in_epoch += 1
-                trainer.maybe_reset_sparsity()
-                if run is not None and state.step % cfg.wandb.log_every == 0:
-                    run.log(trainer.build_train_step_log_dict(out, trainer.n_training_samples), step=state.step)
-                if eval_x is not None and cfg.eval_every > 0 and state.step % cfg.eval_every == 0:
-                    _log_eval(sae, eval_x, stats, state, trainer, run, log_path)
+        for epoch in range(state.epoch, base.epochs):
+            for batch in batches.epoch_batches(epoch, members[0].state.batch_in_epoch):
+                x = stats.apply(batch.to(device))
+                outs = [m.train_step(x, eval_x) for m in members]
+                step = members[0].state.step
                 pbar.update(1)
-                if state.step % 20 == 0 or state.step == total_steps:
-                    pbar.set_postfix(loss=f"{out.loss.item():.4g}", dead=int(trainer.dead_neurons.sum()))
-                if cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0:
-                    save_checkpoint(out_dir, trainer, state, cfg.keep_checkpoints, fired_epoch)
-                if stop_after_steps is not None and state.step >= stop_after_steps:
-                    raise _Interrupt(f"stopped after {state.step} steps")
-            dead_epoch = int((~fired_epoch).sum())
-            _append_log(log_path, {"event": "epoch_end", "epoch": epoch, "step": state.step,
-                                   "dead_latents_epoch": dead_epoch,
-                                   "dead_latents_window": int(trainer.dead_neurons.sum()),
-                                   "elapsed_s": round(time.time() - start, 2)})
-            if run is not None:
-                run.log({"sparsity/dead_latents_epoch": dead_epoch}, step=state.step)
-            state.epoch, state.batch_in_epoch = epoch + 1, 0
-            save_checkpoint(out_dir, trainer, state, cfg.keep_checkpoints, fired_epoch)
+                if step % 20 == 0 or step == total_steps:
+                    pbar.set_postfix(loss=" ".join(f"{o.loss.item():.4g}" for o in outs),
+                                     dead=" ".join(str(int(m.trainer.dead_neurons.sum())) for m in members))
+                if base.checkpoint_every > 0 and step % base.checkpoint_every == 0:
+                    save_all()
+                if stop_after_steps is not None and step >= stop_after_steps:
+                    raise _Interrupt(f"stopped after {step} steps")
+            for m in members:
+                m.end_epoch(epoch, time.time() - start)
+            save_all()
     finally:
         pbar.close()
-
-    trainer.set_final_sae_metadata()
-    sae.cfg.metadata.dead_latents_train_last_epoch = int((~fired_epoch).sum())
-    sae.cfg.metadata.training_steps = state.step
-    save_inference_sae(sae, out_dir, trainer)
-    report = None
-    if eval_source is not None and cfg.final_eval:
-        from .evaluate import evaluate_sae, load_sae
-
-        report = evaluate_sae(load_sae(out_dir), eval_source, modality=cfg.modality, progress=progress)
-        report["dead_neurons_train"] = sae.cfg.metadata.dead_latents_train_last_epoch
-        write_text_atomic(out_dir / "eval.json", json.dumps(report, indent=2))
-        if run is not None:
-            run.summary.update({f"eval/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
-    if run is not None:
-        run.finish()
-    return TrainResult(out_dir, sae, state.step, checkpoint, report)
+    results = [m.finish(eval_source, progress) for m in members]
+    env.barrier()
+    return results
 
 
 #: keys that may change between a killed run and its resumption
 RESUMABLE_CHANGES = {"wandb", "eval_every", "eval_rows", "checkpoint_every", "keep_checkpoints", "final_eval",
-                     "device"}
+                     "device", "data_on_device", "compile", "autocast"}
 
 
 def _check_same_run(cfg: TrainConfig, out_dir: Path) -> None:
