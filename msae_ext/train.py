@@ -328,16 +328,9 @@ class _Member:
     """One SAE of a run: its folder, model, optimiser, state, checkpoints, logs and wandb run."""
 
     def __init__(self, cfg: TrainConfig, out_dir: Path, d_in: int, stats: ModalityStats, steps_per_epoch: int,
-                 env: DistEnv, resume: bool, resume_step: int | None = None):
+                 env: DistEnv, checkpoint: Path | None):
         self.cfg, self.out_dir, self.stats, self.env = cfg, out_dir, stats, env
         out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint = None
-        if resume:
-            if resume_step is not None:
-                path = out_dir / CHECKPOINTS / f"step_{resume_step:09d}"
-                checkpoint = path if (path / "run_state.json").exists() else None
-            else:
-                checkpoint = latest_checkpoint(out_dir)
         if checkpoint is not None:
             _check_same_run(cfg, out_dir)
         self.checkpoint = checkpoint
@@ -494,10 +487,15 @@ def _run(cfgs: list[TrainConfig], dirs: list[Path], root: Path, resume: bool, pr
     # statistics of the training split, shared by every SAE of the run; rank 0 computes them
     stats_path = root / "normalization.json"
     multi = len(cfgs) > 1 or dirs[0] != root
-    resume_step = None
+    # the checkpoint each SAE resumes from: a multi-SAE run resumes at the last step all of them saved
+    checkpoints: list[Path | None] = [None] * len(dirs)
     if resume and multi and (root / MULTI_STATE).exists():
-        resume_step = json.loads((root / MULTI_STATE).read_text())["step"]
-    resuming = resume and (resume_step is not None or (not multi and latest_checkpoint(root) is not None))
+        step_dir = f"step_{json.loads((root / MULTI_STATE).read_text())['step']:09d}"
+        checkpoints = [d / CHECKPOINTS / step_dir for d in dirs]
+        checkpoints = [c if (c / "run_state.json").exists() else None for c in checkpoints]
+    elif resume and not multi:
+        checkpoints = [latest_checkpoint(root)]
+    resuming = any(c is not None for c in checkpoints)
     if env.is_main and not (resuming and stats_path.exists()):
         stats = compute_stats(source)  # also rejects NaN / inf rows
         write_text_atomic(stats_path, json.dumps(stats.to_dict()))
@@ -510,8 +508,8 @@ def _run(cfgs: list[TrainConfig], dirs: list[Path], root: Path, resume: bool, pr
 
     stream = BatchStream(source, base.batch_size, seed=base.stream_seed, chunk_rows=base.chunk_rows,
                          buffer_rows=base.buffer_rows)
-    members = [_Member(c, d, source.d_in, stats, stream.batches_per_epoch, env, resume and (resuming or not multi),
-                       resume_step if multi else None) for c, d in zip(cfgs, dirs)]
+    members = [_Member(c, d, source.d_in, stats, stream.batches_per_epoch, env, ckpt)
+               for c, d, ckpt in zip(cfgs, dirs, checkpoints)]
     state = members[0].state
     if any((m.state.epoch, m.state.batch_in_epoch, m.state.step) != (state.epoch, state.batch_in_epoch, state.step)
            for m in members):

@@ -192,5 +192,7 @@ def nested_topk_loss_fused(
             lo = k
 
     outputs = [partial_out[k] if k in partial_out else full_out for k in k_list]
-    level_losses = [reconstruction_loss(o, x, recon_loss) for o in outputs]  # type: ignore[arg-type]
+    full_loss = reconstruction_loss(full_out, x, recon_loss) if full_out is not None else None
+    level_losses = [reconstruction_loss(partial_out[k], x, recon_loss) if k in partial_out else full_loss
+                    for k in k_list]
     return _combine(level_losses, alphas, normalize_by_alpha_sum), level_losses, outputs  # type: ignore[return-value]
