@@ -7,8 +7,9 @@
 Steps compared on the same shapes and data, each in its own child process so that peak memory
 is that step's own:
     msae_fused      our MSAE training step (one sort, one decode; nested_topk.py)
-    msae_naive      the same loss with one dense decode per level (the reference oracle; the
-                    authors' code is this plus one top-k per level)
+    msae_naive      the same loss with one dense decode per level (the reference oracle, which
+                    shares our one sort so that ties resolve identically)
+    msae_authors    the authors' algorithm: one top-k and one dense decode per level
     msae_1level     our MSAE with the full level only: the memory floor of any MSAE step
     topk_k64        sae-lens TopKTrainingSAE, k=64
     matryoshka_btk  sae-lens MatryoshkaBatchTopKTrainingSAE, k=64, widths = the MSAE k-list
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ["msae_fused", "msae_naive", "msae_1level", "topk_k64", "matryoshka_btk", "relu"]
+METHODS = ["msae_fused", "msae_naive", "msae_authors", "msae_1level", "topk_k64", "matryoshka_btk", "relu"]
 
 
 def k_list_for(d_sae: int) -> list[int]:
@@ -59,6 +60,8 @@ def build(method: str, d_in: int, d_sae: int, device: str):
         return MSAETrainingSAE(MSAETrainingSAEConfig(**common, k_list=ks, nested_impl="fused"))
     if method == "msae_naive":
         return MSAETrainingSAE(MSAETrainingSAEConfig(**common, k_list=ks, nested_impl="reference"))
+    if method == "msae_authors":
+        return _authors_msae()(MSAETrainingSAEConfig(**common, k_list=ks))
     if method == "msae_1level":
         return MSAETrainingSAE(MSAETrainingSAEConfig(**common, k_list=[d_sae], nested_impl="fused"))
     if method == "topk_k64":
@@ -69,6 +72,31 @@ def build(method: str, d_in: int, d_sae: int, device: str):
     if method == "relu":
         return ReLUTrainingSAE(ReLUTrainingSAEConfig(**common))
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+
+
+def _authors_msae():
+    """MSAETrainingSAE whose loss is computed as the authors' code does: per level, its own
+    top-k over the pre-activations and a dense decode."""
+    import torch
+    from sae_lens.saes.sae import TrainStepOutput
+
+    from msae_ext.architectures import MSAETrainingSAE
+    from msae_ext.architectures.base import reconstruction_loss, soft_cap, topk_relu
+
+    class AuthorsMSAE(MSAETrainingSAE):
+        def training_forward_pass(self, step_input):  # type: ignore[override]
+            x = step_input.sae_in
+            hidden_pre = self.hidden_pre(x)
+            losses, x_hat = [], None
+            for k in self.cfg.k_list:
+                z = soft_cap(topk_relu(hidden_pre, k), self.cfg.soft_cap)
+                x_hat = z @ self.W_dec + self.b_dec
+                losses.append(reconstruction_loss(x_hat, x, self.cfg.recon_loss))
+            loss = sum(a * l for a, l in zip(self.cfg.alphas, losses))
+            return TrainStepOutput(sae_in=x, sae_out=x_hat, feature_acts=z.detach(), hidden_pre=hidden_pre,
+                                   loss=loss, losses={"recon_loss": loss})
+
+    return AuthorsMSAE
 
 
 def _rss_bytes() -> int:
@@ -85,6 +113,11 @@ def child(args: argparse.Namespace) -> None:
 
     torch.manual_seed(0)
     device = args.device
+    if args.dense_fraction is not None:
+        from msae_ext.architectures import nested_topk
+
+        for autocast in (False, True):
+            nested_topk.DENSE_DECODE_FRACTION[torch.device(device).type, autocast] = args.dense_fraction
     sae = build(args.method, args.d_in, args.d_sae, device)
     with torch.no_grad():
         # the paper's initialisation for every method, so that all see the same pre-activations
@@ -144,6 +177,7 @@ def run_child(method: str, d_in: int, d_sae: int, args: argparse.Namespace) -> d
            "--batch", str(args.batch), "--device", args.device, "--repeats", str(args.repeats),
            "--warmup", str(args.warmup), "--active", str(args.active)]
     cmd += ["--bf16"] * args.bf16 + ["--compile"] * args.compile
+    cmd += ["--dense-fraction", str(args.dense_fraction)] if args.dense_fraction is not None else []
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"{method} failed:\n{res.stderr[-3000:]}")
@@ -163,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="fraction of positive pre-activations (0.5 = initialisation)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
+    p.add_argument("--dense-fraction", type=float, default=None,
+                   help="override nested_topk.DENSE_DECODE_FRACTION for the device (0: every rank "
+                        "segment dense, inf: every one gathered)")
     # child-process arguments
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
@@ -183,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or platform.machine())
     print(f"# device {args.device} ({dev}), torch {torch.__version__}, {os.cpu_count()} CPUs, threads "
           f"{torch.get_num_threads()}; batch {args.batch}; bf16 {args.bf16}; compile {args.compile}; "
+          f"dense fraction {args.dense_fraction if args.dense_fraction is not None else 'default'}; "
           f"median of {args.repeats} steps after {args.warmup} warm-up")
     for d_in, d_sae in shapes:
         ks = k_list_for(d_sae)
@@ -201,6 +239,10 @@ def main(argv: list[str] | None = None) -> None:
             ratios.append(("fused / sae-lens TopK", results["msae_fused"]["ms"] / results["topk_k64"]["ms"], "<= 1.3"))
         if "msae_fused" in results and "msae_naive" in results:
             ratios.append(("naive / fused (speed-up)", results["msae_naive"]["ms"] / results["msae_fused"]["ms"], ">= 4"))
+        if "msae_fused" in results and "msae_authors" in results:
+            ratios.append(("authors / fused (speed-up)", results["msae_authors"]["ms"] / results["msae_fused"]["ms"], ">= 4"))
+        if "msae_authors" in results and "topk_k64" in results:
+            ratios.append(("authors / sae-lens TopK", results["msae_authors"]["ms"] / results["topk_k64"]["ms"], ""))
         if "msae_fused" in results and "matryoshka_btk" in results:
             ratios.append(("fused / sae-lens matryoshka", results["msae_fused"]["ms"] / results["matryoshka_btk"]["ms"], ""))
         if "msae_fused" in results and "relu" in results:

@@ -7,7 +7,9 @@ import torch
 from sae_lens.saes.sae import TrainStepInput
 
 from msae_ext.architectures import MSAETrainingSAE, MSAETrainingSAEConfig
+from msae_ext.architectures import nested_topk
 from msae_ext.architectures.nested_topk import (
+    DenseSegmentDecode,
     SegmentDecode,
     nested_selection,
     nested_topk_loss_fused,
@@ -15,6 +17,15 @@ from msae_ext.architectures.nested_topk import (
 )
 
 RTOL = 1e-5
+
+#: DENSE_DECODE_FRACTION for this device: every segment gathered, every one dense, or a mix
+DECODE_MODES = {"gather": float("inf"), "dense": 0.0, "mixed": 1 / 8}
+
+
+@pytest.fixture(params=sorted(DECODE_MODES))
+def decode_mode(request, monkeypatch):
+    monkeypatch.setitem(nested_topk.DENSE_DECODE_FRACTION, ("cpu", False), DECODE_MODES[request.param])
+    return request.param
 
 
 def _pair(d_in, d_sae, seed, **cfg):
@@ -67,7 +78,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("seed", [0, 1])
-def test_fused_matches_reference(case, seed):
+def test_fused_matches_reference(case, seed, decode_mode):
     fused, ref = _pair(24, 128, seed, **CASES[case])
     torch.manual_seed(100 + seed)
     with torch.no_grad():  # trained-like encoder, not W_dec^T, so that levels differ
@@ -81,7 +92,7 @@ def test_fused_matches_reference(case, seed):
     _check_same(fused, ref, x)
 
 
-def test_ties_in_pre_activations():
+def test_ties_in_pre_activations(decode_mode):
     """Duplicated encoder columns give exactly tied pre-activations with different decoder rows."""
     fused, ref = _pair(16, 64, 0, k_list=[2, 5, 8, 20, 64])
     with torch.no_grad():
@@ -94,7 +105,7 @@ def test_ties_in_pre_activations():
     _check_same(fused, ref, x)
 
 
-def test_fewer_positive_pre_activations_than_k():
+def test_fewer_positive_pre_activations_than_k(decode_mode):
     """Rows with fewer positives than the smallest k, and rows with none at all."""
     fused, ref = _pair(16, 64, 2, k_list=[8, 16, 32, 64])
     x = torch.randn(80, 16, generator=torch.Generator().manual_seed(2))
@@ -129,6 +140,33 @@ def test_segment_decode_gradients_match_autograd_of_dense_math():
     torch.testing.assert_close(SegmentDecode.apply(c, idx, W, counts), Z @ W)
 
 
+def test_dense_segment_decode_gradients_match_autograd_of_dense_math():
+    torch.manual_seed(0)
+    B, D, d, w = 6, 30, 4, 5
+    idx = torch.stack([torch.randperm(D)[:w] for _ in range(B)])  # unique per row, like a sort
+    c = torch.rand(B, w, dtype=torch.float64)
+    c[0, 3:] = 0.0  # past a row's positives
+    c.requires_grad_()
+    W = torch.randn(D, d, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda c, W: DenseSegmentDecode.apply(c, idx, W), (c, W))
+    Z = torch.zeros(B, D, dtype=torch.float64).scatter(1, idx, c)
+    torch.testing.assert_close(DenseSegmentDecode.apply(c, idx, W), Z @ W)
+
+
+def test_dense_segments_follow_autocast_in_forward_and_backward(monkeypatch):
+    """Under CPU bf16 autocast the dense segment GEMMs run in bf16; losses and gradients stay
+    float32 and close to the float32 step."""
+    monkeypatch.setitem(nested_topk.DENSE_DECODE_FRACTION, ("cpu", True), 0.0)
+    fused, ref = _pair(32, 256, 0, k_list=[8, 32, 128, 256])
+    x = torch.randn(128, 32, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _step(fused, x)
+    ref_out = _step(ref, x)
+    assert out.loss.dtype == torch.float32 and fused.W_dec.grad.dtype == torch.float32
+    assert 0 < _rel(out.loss, ref_out.loss) < 2e-2  # bf16 rounding, not float32 arithmetic
+    assert _rel(fused.W_dec.grad, ref.W_dec.grad) < 5e-2
+
+
 def test_large_segments_take_the_dense_gradient_path():
     """A segment with more active entries than DENSE_SEGMENT_FRACTION of the width per row."""
     torch.manual_seed(3)
@@ -148,7 +186,10 @@ def test_large_segments_take_the_dense_gradient_path():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.gpu
-def test_fused_matches_reference_on_cuda_and_under_bf16_autocast():
+@pytest.mark.parametrize("mode", sorted(DECODE_MODES))
+def test_fused_matches_reference_on_cuda_and_under_bf16_autocast(mode, monkeypatch):
+    for autocast in (False, True):
+        monkeypatch.setitem(nested_topk.DENSE_DECODE_FRACTION, ("cuda", autocast), DECODE_MODES[mode])
     fused, ref = _pair(32, 256, 0, k_list=[8, 32, 128, 256])
     fused.cuda(), ref.cuda()
     x = torch.randn(512, 32, device="cuda")

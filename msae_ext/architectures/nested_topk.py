@@ -17,8 +17,11 @@ GEMMs) per level. It is the oracle of the tests.
     the suffix sum of the level gradients. Its backward uses per-entry dot products (or one GEMM
     for a large segment) for the activations and one feature-sorted `embedding_bag` for W_dec:
     no dense decoder pass per level.
-Extra memory: the (B, K) sort, index arrays of the active entries below K, and one (B, d_in)
-reconstruction per level.
+  * On a GPU, segments at least DENSE_DECODE_FRACTION of d_sae wide are decoded by
+    `DenseSegmentDecode` instead: a scatter into one (B, d_sae) buffer and GEMMs (tensor cores beat
+    gathers there); the buffer is rebuilt in backward rather than kept.
+Extra memory: the (B, K) sort, index arrays of the active entries below K, one (B, d_in)
+reconstruction per level, and (dense segments) one transient (B, d_sae) buffer.
 """
 
 from __future__ import annotations
@@ -110,6 +113,62 @@ def _exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
 #: break-even measured with benchmarks/train_step.py on CPU (2 cores, 768 -> 6144) is about 1/8.
 DENSE_SEGMENT_FRACTION = 1 / 8
 
+#: a rank segment at least this fraction of d_sae wide is decoded densely (`DenseSegmentDecode`:
+#: scatter into a (B, d_sae) buffer, GEMMs forward and backward) instead of gathered
+#: (`SegmentDecode`); keyed by (device type, autocast on). Measured with benchmarks/train_step.py
+#: --dense-fraction (benchmarks/README.md): on CPU gathers win at every width; on an H100 in float32
+#: gathering the segments narrower than 1/32 of d_sae is best, and under bf16 autocast, where the
+#: GEMMs run on tensor cores and the gathers stay float32, decoding every segment densely is
+#: almost twice as fast. Other accelerators use the "cuda" entries.
+DENSE_DECODE_FRACTION: dict[tuple[str, bool], float] = {
+    ("cpu", False): float("inf"),
+    ("cpu", True): float("inf"),
+    ("cuda", False): 1 / 32,
+    ("cuda", True): 0.0,
+}
+
+
+def dense_decode_fraction(device_type: str) -> float:
+    autocast = _autocast_state(device_type) is not None
+    key = (device_type, autocast) if (device_type, autocast) in DENSE_DECODE_FRACTION else ("cuda", autocast)
+    return DENSE_DECODE_FRACTION[key]
+
+
+def _autocast_state(device_type: str) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+class DenseSegmentDecode(torch.autograd.Function):
+    """Y = S W with S[b, idx[b, j]] = c[b, j] for one rank segment of width w (idx unique per row).
+
+    S is a (B, d_sae) buffer built by a scatter in forward and rebuilt in backward, so nothing of
+    size B x d_sae is kept between them. Entries with c = 0 (past a row's positives) add nothing,
+    and their gradient is stopped by the ReLU that made them. The GEMMs follow the caller's
+    autocast, in forward and in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, c, idx, W):  # type: ignore[override]
+        ctx.autocast = _autocast_state(W.device.type)
+        ctx.save_for_backward(c, idx, W)
+        S = c.new_zeros(c.shape[0], W.shape[0]).scatter_(1, idx, c)
+        return S @ W
+
+    @staticmethod
+    def backward(ctx, dY):  # type: ignore[override]
+        c, idx, W = ctx.saved_tensors
+        dc = dW = None
+        with torch.autocast(W.device.type, dtype=ctx.autocast or torch.bfloat16,
+                            enabled=ctx.autocast is not None):
+            if ctx.needs_input_grad[0]:
+                dc = (dY @ W.T).gather(1, idx).to(c.dtype)
+            if ctx.needs_input_grad[2]:
+                S = c.new_zeros(c.shape[0], W.shape[0]).scatter_(1, idx, c)
+                dW = (S.T @ dY).to(W.dtype)
+        return dc, None, dW
+
 
 class SegmentDecode(torch.autograd.Function):
     """Y[b] = sum_{j in bag b} c_j W[idx_j] for one rank segment; bag b holds `counts[b]` entries.
@@ -148,6 +207,17 @@ class SegmentDecode(torch.autograd.Function):
         return dc, None, dW, None
 
 
+def _gathered_segment(c: torch.Tensor, indices: torch.Tensor, n_pos: torch.Tensor, lo: int, k: int,
+                      W: torch.Tensor) -> torch.Tensor:
+    """SegmentDecode of ranks [lo, k), keeping only each row's active (positive) entries."""
+    seg_c, seg_idx = c[:, lo:k], indices[:, lo:k]
+    counts = (n_pos.clamp(max=k) - lo).clamp_min(0)
+    if bool((counts == k - lo).all()):  # every entry of the segment is active
+        return SegmentDecode.apply(seg_c.reshape(-1), seg_idx.reshape(-1), W, counts)
+    keep = torch.arange(lo, k, device=c.device) < n_pos[:, None]
+    return SegmentDecode.apply(seg_c[keep], seg_idx[keep], W, counts)
+
+
 def nested_topk_loss_fused(
     x: torch.Tensor,
     hidden_pre: torch.Tensor,
@@ -178,16 +248,14 @@ def nested_topk_loss_fused(
         n_pos = (sel.values > 0).sum(dim=-1)  # positives are a prefix of the sort
         W = W_dec.to(c.dtype)
         recon = b_dec.to(c.dtype)
+        dense_from = dense_decode_fraction(c.device.type) * W.shape[0]
         lo = 0
         for k in sel.partial:  # level k = level before + the rank segment [lo, k)
-            seg_c, seg_idx = c[:, lo:k], sel.indices[:, lo:k]
-            counts = (n_pos.clamp(max=k) - lo).clamp_min(0)
-            if bool((counts == k - lo).all()):  # every entry of the segment is active
-                seg_c, seg_idx = seg_c.reshape(-1), seg_idx.reshape(-1)
+            if k - lo >= dense_from:
+                segment = DenseSegmentDecode.apply(c[:, lo:k], sel.indices[:, lo:k], W)
             else:
-                keep = torch.arange(lo, k, device=c.device) < n_pos[:, None]
-                seg_c, seg_idx = seg_c[keep], seg_idx[keep]
-            recon = recon + SegmentDecode.apply(seg_c, seg_idx, W, counts)
+                segment = _gathered_segment(c, sel.indices, n_pos, lo, k, W)
+            recon = recon + segment
             partial_out[k] = recon
             lo = k
 
