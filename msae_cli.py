@@ -14,6 +14,10 @@ from pathlib import Path
 
 EPILOG = """examples:
   msae demo                                    # offline end-to-end run on synthetic data
+  msae embed --model ViT-L-14 --pretrained openai --modality image --dataset cc3m:/data/cc3m --out emb/cc3m_image
+  msae embed --model ViT-L-14 --pretrained openai --modality text --dataset cc3m:/data/cc3m_val --out emb/cc3m_val_text
+  torchrun --nproc_per_node 8 -m msae_cli embed --model ViT-L-14 --pretrained openai --dataset imagenet:/data/imagenet --out emb/in1k
+  msae stats --sae runs/msae_rw --modality text --data emb/cc3m_text   # text statistics for an image-trained SAE
   msae train run.yaml --set lr=1e-4 --set wandb.mode=offline --out runs/msae_rw
   msae train sweep.yaml --out runs/sweep            # a config with `saes:` trains them all on one data pass
   torchrun --nproc_per_node 4 -m msae_cli train run.yaml --set device=cuda --out runs/msae_rw
@@ -95,6 +99,40 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_embed(args: argparse.Namespace) -> int:
+    import torch
+
+    from msae_ext.embed import embed_dataset, load_clip, open_items
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and "LOCAL_RANK" in __import__("os").environ:
+        device = f"cuda:{__import__('os').environ['LOCAL_RANK']}"
+    items = open_items(args.dataset, captions=args.captions)
+    clip = load_clip(args.model, args.pretrained, device=device)
+    out = embed_dataset(items, clip, args.out, modality=args.modality, batch_size=args.batch_size,
+                        shard_items=args.shard_items, dtype=args.dtype, precision=args.precision,
+                        num_workers=args.num_workers, resume=not args.no_resume, progress=not args.no_progress)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        from msae_ext.embed import load_embeddings
+
+        for sub in ([Path(out)] if args.modality != "both" else [Path(out) / "image", Path(out) / "text"]):
+            m = load_embeddings(sub.parent if sub.name == "manifest.json" else sub).manifest
+            print(f"{m['modality']}: {m['n_rows']} rows x {m['d_in']} ({m['dtype']}) of {m['n_items']} items, "
+                  f"{len(m['failed'])} unreadable; manifest {sub if sub.name == 'manifest.json' else sub / 'manifest.json'}")
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from msae_ext.normalization import attach_stats_to_folder, compute_stats
+    from msae_ext.store import open_embeddings
+
+    stats = compute_stats(open_embeddings(args.data))
+    path = attach_stats_to_folder(args.sae, args.modality, stats)
+    print(f"{args.modality} statistics of {stats.source} ({stats.n_rows} rows, scale {stats.scale:.6g}) "
+          f"attached to {path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from msae_ext.demo import run_demo
 
@@ -154,6 +192,48 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.set_defaults(func=_cmd_export)
 
+    m = sub.add_parser(
+        "embed", help="CLIP embeddings of a dataset into a sharded, resumable cache",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Embed a dataset with an open_clip model (encode_image / encode_text outputs: pooled, projected, "
+                    "not normalised) into OUT: shards + manifest.json with ids, labels, captions and checksums. "
+                    "A killed run rerun with the same --out resumes. Unreadable images are skipped and listed in "
+                    "the manifest. Under torchrun each process embeds its share of the shards.",
+        epilog="dataset specs:\n"
+               "  imagenet:ROOT          ImageNet-1k class folders (ROOT/train/n01440764/*.JPEG), labels\n"
+               "  cc3m:ROOT              img2dataset output: ROOT/*.tar (KEY.jpg + KEY.txt) or ROOT/00000/KEY.jpg + KEY.txt\n"
+               "  celeba:ROOT[@SPLIT]    ROOT/img_align_celeba + list_attr_celeba.txt; 40 attribute labels\n"
+               "  wds:PATTERN            webdataset tars (dir, glob or shards/{00000..00331}.tar)\n"
+               "  folder:DIR             images (class subfolders -> labels; KEY.txt sidecars or --captions)\n"
+               "  text:FILE              one caption per line\n"
+               "  hf:NAME_OR_PATH[@SPLIT] Hugging Face dataset (Hub name, save_to_disk folder, parquet/arrow)\n"
+               "a plain path is detected (.txt, .tar, folder, saved dataset, parquet).")
+    m.add_argument("--model", required=True, help="open_clip model name (ViT-L-14, ViT-B-16, ...) or a model-config .json")
+    m.add_argument("--pretrained", required=True,
+                   help="pretrained tag (openai, laion2b_s32b_b82k, ...), a local checkpoint file, or 'none' (random)")
+    m.add_argument("--modality", choices=("image", "text", "both"), default="image",
+                   help="both: OUT/image and OUT/text with the same rows (image-caption datasets)")
+    m.add_argument("--dataset", required=True, help="dataset spec (below)")
+    m.add_argument("--captions", help="captions for folder:DIR (TSV path<TAB>caption, or JSON {path: caption})")
+    m.add_argument("--out", required=True)
+    m.add_argument("--batch-size", type=int, default=256)
+    m.add_argument("--shard-items", type=int, default=65536, help="items per shard (the unit of resume)")
+    m.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="dtype of the stored rows")
+    m.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="autocast of the CLIP forward (default: fp16 on GPU as the paper's extraction, fp32 on CPU)")
+    m.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    m.add_argument("--num-workers", type=int, default=4, help="image decoding processes")
+    m.add_argument("--no-resume", action="store_true", help="refuse to continue an existing OUT")
+    m.add_argument("--no-progress", action="store_true")
+    m.set_defaults(func=_cmd_embed)
+
+    st = sub.add_parser("stats", help="compute a modality's normalisation statistics from a cache and attach them "
+                                      "to a saved SAE (e.g. text statistics for an image-trained SAE)")
+    st.add_argument("--sae", required=True, help="SAE folder")
+    st.add_argument("--modality", choices=("image", "text"), required=True)
+    st.add_argument("--data", required=True, help="that modality's training embeddings (cache DIR, .npy, ...)")
+    st.set_defaults(func=_cmd_stats)
+
     d = sub.add_parser("demo", help="offline end-to-end demo on synthetic hierarchical data")
     d.add_argument("--out", default="msae_demo")
     d.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for smoke tests")
@@ -166,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # EmbeddingDataError is a ValueError
+    except (ValueError, FileNotFoundError) as e:  # the package raises ValueError subclasses for bad input
         print(f"msae {args.command}: error: {e}", file=sys.stderr)
         return 2
 

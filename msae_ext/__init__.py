@@ -15,6 +15,7 @@ from .architectures import (
     resolve_alphas,
     resolve_k_list,
 )
+from .embed import embed_dataset, load_clip, load_embeddings
 from .normalization import ModalityStats, attach_stats, compute_stats, get_stats
 from .store import BatchStream, EmbeddingDataError, open_embeddings
 
@@ -32,6 +33,9 @@ __all__ = [
     "PaperSAE",
     "attach_stats",
     "compute_stats",
+    "embed_dataset",
+    "load_clip",
+    "load_embeddings",
     "get_stats",
     "open_embeddings",
     "register_all",

@@ -136,3 +136,31 @@ def attach_stats(sae: Any, modality: str, stats: ModalityStats) -> None:
     current = dict(sae.cfg.metadata.get(METADATA_KEY) or {})
     current[modality] = stats.to_dict()
     sae.cfg.metadata[METADATA_KEY] = current
+
+
+def attach_stats_to_folder(sae_dir: Any, modality: str, stats: ModalityStats) -> Any:
+    """Attach a modality's statistics to a saved SAE folder: its cfg.json metadata, rewritten
+    atomically (the paper: an image-trained SAE reads text with the text statistics)."""
+    import json
+    import os
+    from pathlib import Path
+
+    path = Path(sae_dir) / "cfg.json"
+    if not path.exists():
+        raise EmbeddingDataError(f"{sae_dir}: no cfg.json; not a saved SAE folder")
+    cfg = json.loads(path.read_text())
+    if int(cfg["d_in"]) != stats.mean.shape[0]:
+        raise EmbeddingDataError(
+            f"{stats.source}: {modality} embeddings have dimension {stats.mean.shape[0]}, the SAE has d_in={cfg['d_in']}"
+        )
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+    metadata = cfg.setdefault("metadata", {}) or {}
+    cfg["metadata"] = metadata
+    current = dict(metadata.get(METADATA_KEY) or {})
+    current[modality] = stats.to_dict()
+    metadata[METADATA_KEY] = current
+    tmp = path.with_name(f"cfg.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(cfg, indent=2))
+    os.replace(tmp, path)
+    return path

@@ -7,6 +7,7 @@ Sources (all give float32 rows through `read(start, stop)`, never the whole file
     file.parquet#column          a list/array column of a parquet file (Hugging Face `datasets`)
     DIR#column                   a dataset saved with `datasets.save_to_disk`
     hf://NAME#column[@split]     a Hub dataset by name (needs network or the local HF cache)
+    {clip: {model, pretrained, dataset, modality, ...}}   CLIP run on the fly (msae_ext.embed.stream)
 
 Streaming (`BatchStream`): each epoch visits every row once (the last incomplete batch is
 dropped so the batch size stays constant, as sae-lens's trainer expects). Rows are read as
@@ -169,6 +170,10 @@ def _split_spec(spec: str) -> tuple[str, str | None]:
 
 def open_embeddings(spec: str | Path | dict[str, Any]) -> EmbeddingSource:
     """Open an embedding matrix from any supported source (see module docstring)."""
+    if isinstance(spec, dict) and "clip" in spec:
+        from .embed.stream import ClipSource
+
+        return ClipSource(**spec["clip"])
     if isinstance(spec, dict):
         path = str(spec["path"])
         key = spec.get("column") or spec.get("key")
@@ -335,20 +340,33 @@ class BatchStream:
         return np.concatenate(parts)
 
     def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
-        """Batches of one epoch, starting at batch `start_batch` (exactly as if the first ones were served)."""
+        """Batches of one epoch, starting at batch `start_batch` (exactly as if the first ones were served).
+
+        A source with `will_read` (msae_ext.embed.ClipSource) is told the chunks of the epoch in
+        order, so it can compute them ahead. A source may return fewer rows than asked (images it
+        could not read); the buffer's permutation then keeps its entries that exist.
+        """
         skip = start_batch * self.batch_size
-        served = self.batches_per_epoch - start_batch
-        pending: list[np.ndarray] = []
-        n_pending = 0
+        todo = []
         for chunks, perm in self.epoch_plan(epoch):
-            if served <= 0:
-                return
             if skip >= len(perm):
                 skip -= len(perm)
                 continue
-            block = np.concatenate([self.source.read(*self._chunk_range(c)) for c in chunks])
-            block = block[perm[skip:]]
+            todo.append((chunks, perm, skip))
             skip = 0
+        announce = getattr(self.source, "will_read", None)
+        if announce is not None:
+            announce([self._chunk_range(c) for chunks, _, _ in todo for c in chunks])
+        served = self.batches_per_epoch - start_batch
+        pending: list[np.ndarray] = []
+        n_pending = 0
+        for chunks, perm, skip in todo:
+            if served <= 0:
+                return
+            block = np.concatenate([self.source.read(*self._chunk_range(c)) for c in chunks])
+            if len(block) != len(perm):
+                perm = perm[perm < len(block)]
+            block = block[perm[skip:]]
             pending.append(block)
             n_pending += len(block)
             if n_pending < self.batch_size:
@@ -387,7 +405,7 @@ class ResidentBatches:
 def fits_on_device(source: EmbeddingSource, device: str | torch.device, fraction: float = 0.5) -> bool:
     """Whether the whole set in float32 takes at most `fraction` of the device's free memory."""
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" or hasattr(source, "will_read"):  # a streaming source (CLIP on the fly) stays one
         return False
     free, _ = torch.cuda.mem_get_info(device)
     return source.n_rows * source.d_in * 4 <= fraction * free
