@@ -11,13 +11,16 @@ on every evaluation file; both are bugs we do not reproduce.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .fileio import write_text_atomic
 from .store import EmbeddingDataError, EmbeddingSource, iter_blocks, nonfinite_error, nonfinite_rows
 
 METADATA_KEY = "msae_normalization"
@@ -141,10 +144,6 @@ def attach_stats(sae: Any, modality: str, stats: ModalityStats) -> None:
 def attach_stats_to_folder(sae_dir: Any, modality: str, stats: ModalityStats) -> Any:
     """Attach a modality's statistics to a saved SAE folder: its cfg.json metadata, rewritten
     atomically (the paper: an image-trained SAE reads text with the text statistics)."""
-    import json
-    import os
-    from pathlib import Path
-
     path = Path(sae_dir) / "cfg.json"
     if not path.exists():
         raise EmbeddingDataError(f"{sae_dir}: no cfg.json; not a saved SAE folder")
@@ -160,7 +159,5 @@ def attach_stats_to_folder(sae_dir: Any, modality: str, stats: ModalityStats) ->
     current = dict(metadata.get(METADATA_KEY) or {})
     current[modality] = stats.to_dict()
     metadata[METADATA_KEY] = current
-    tmp = path.with_name(f"cfg.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(cfg, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(cfg, indent=2))
     return path

@@ -43,6 +43,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 from .architectures import PaperTrainingSAE, register_all, training_classes
 from .config import TrainConfig
 from .distributed import DistEnv, StepModule, all_reduce_, init_distributed
+from .fileio import fsync_dir, write_text_atomic
 from .normalization import METADATA_KEY, ModalityStats, compute_stats, stats_to_metadata
 from .store import BatchStream, ResidentBatches, check_dimension, fits_on_device, open_embeddings
 
@@ -199,29 +200,6 @@ def build_training_sae(cfg: TrainConfig, d_in: int) -> PaperTrainingSAE:
 # --------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 @dataclass
 class RunState:
     epoch: int = 0  # epoch in progress
@@ -254,7 +232,7 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     write_text_atomic(root / LATEST, name)
     ckpts = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
     for old in ckpts[: max(0, len(ckpts) - keep)]:
@@ -595,7 +573,7 @@ def save_inference_sae(sae: PaperTrainingSAE, out_dir: Path, trainer: PaperTrain
     for f in tmp.iterdir():
         os.replace(f, out_dir / f.name)
     tmp.rmdir()
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
 
 
 def _append_log(path: Path, record: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..fileio import fsync_dir, write_text_atomic
 from ..store import MANIFEST
 from .clip import LoadedClip
 from .datasets import Items
@@ -53,21 +54,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
     np.save(tmp, array)
     with tmp.open("rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 class _ImageDataset(torch.utils.data.Dataset):
@@ -201,7 +194,7 @@ def embed_dataset(
         for d in dirs.values():
             d.mkdir(parents=True, exist_ok=True)
         _check_state(out, state, resume)
-        _write_atomic(out / STATE, json.dumps(state, indent=2).encode())
+        write_text_atomic(out / STATE, json.dumps(state, indent=2))
     env.barrier()
 
     mine = [s for s in range(plan.n_shards) if s % env.world == env.rank]
@@ -255,7 +248,7 @@ def embed_dataset(
                 meta["labels"] = [items.labels[i] for i in rows]
             if items.has_text:
                 meta["captions"] = [items.text(i) for i in rows]
-            _write_atomic(d / f"{name}.rows.json", json.dumps(meta).encode())
+            write_text_atomic(d / f"{name}.rows.json", json.dumps(meta))
     if bar is not None:
         bar.close()
     env.barrier()
@@ -290,7 +283,7 @@ def write_manifest(directory: Path, modality: str, plan: EmbedPlan, clip: Loaded
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     path = directory / MANIFEST
-    _write_atomic(path, json.dumps(manifest, indent=1).encode())
+    write_text_atomic(path, json.dumps(manifest, indent=1))
     return path
 
 
