@@ -106,6 +106,11 @@ def encode_texts(clip: LoadedClip, texts: list[str], precision: str = "fp32") ->
     return out.float().cpu().numpy()
 
 
+def batch_indices(start: int, stop: int, batch_size: int) -> list[list[int]]:
+    """Items start..stop cut into consecutive batches (the batch composition every path shares)."""
+    return [list(range(a, min(stop, a + batch_size))) for a in range(start, stop, batch_size)]
+
+
 @dataclass
 class EmbedPlan:
     n_items: int
@@ -210,8 +215,7 @@ def embed_dataset(
                    smoothing=0.05)
     loader = None
     if "image" in dirs and todo:
-        batches = [list(plan.items_of(s))[i : i + batch_size] for s in todo
-                   for i in range(0, len(plan.items_of(s)), batch_size)]
+        batches = [b for s in todo for b in batch_indices(plan.items_of(s).start, plan.items_of(s).stop, batch_size)]
         loader = iter(torch.utils.data.DataLoader(
             _ImageDataset(items, clip.preprocess), batch_sampler=batches, num_workers=num_workers,
             collate_fn=_collate, persistent_workers=False, prefetch_factor=4 if num_workers else None))
@@ -220,8 +224,7 @@ def embed_dataset(
         failed: list[dict[str, Any]] = []
         parts: dict[str, list[np.ndarray]] = {m: [] for m in dirs}
         span = plan.items_of(shard)
-        for start in range(span.start, span.stop, batch_size):
-            idx = list(range(start, min(span.stop, start + batch_size)))
+        for idx in batch_indices(span.start, span.stop, batch_size):
             if loader is not None:
                 batch = next(loader)
                 assert [b[0] for b in batch] == idx  # the loader serves exactly this shard's items, in order

@@ -24,7 +24,7 @@ import torch
 
 from .clip import load_clip
 from .datasets import open_items
-from .extract import _collate, _ImageDataset, encode_images, encode_texts
+from .extract import _collate, _ImageDataset, batch_indices, encode_images, encode_texts
 
 
 class ClipSource:
@@ -103,10 +103,10 @@ class ClipSource:
     def _embed(self, start: int, stop: int) -> np.ndarray:
         with self._lock:
             if self.modality == "text":
-                parts = [encode_texts(self.clip, [self.items.text(i) for i in range(a, min(stop, a + self.batch_size))],
-                                      self.precision) for a in range(start, stop, self.batch_size)]
+                parts = [encode_texts(self.clip, [self.items.text(i) for i in b], self.precision)
+                         for b in batch_indices(start, stop, self.batch_size)]
                 return np.concatenate(parts)
-            batches = [list(range(a, min(stop, a + self.batch_size))) for a in range(start, stop, self.batch_size)]
+            batches = batch_indices(start, stop, self.batch_size)
             loader = torch.utils.data.DataLoader(_ImageDataset(self.items, self.clip.preprocess), batch_sampler=batches,
                                                  num_workers=self.num_workers, collate_fn=_collate)
             parts = []
