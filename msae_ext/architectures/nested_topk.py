@@ -9,19 +9,24 @@ GEMMs) per level. It is the oracle of the tests.
   * Levels whose k is at least the largest number of positive pre-activations in the batch are
     exactly the full ReLU level (top-k keeps every positive entry), so they share one dense
     decode, the GEMM a ReLU SAE does anyway.
-  * The remaining levels are rank segments of one sort: segment s holds ranks [k_{s-1}, k_s).
-    Only positive entries are kept (the sorted prefix), so the work is the number of active
-    entries below the largest partial level, not B * k.
-  * `SegmentDecode` sums each row's bag of decoder rows in one segment with `embedding_bag`; each
-    level's reconstruction is the previous one plus its segment, so autograd hands each segment
-    the suffix sum of the level gradients. Its backward uses per-entry dot products (or one GEMM
-    for a large segment) for the activations and one feature-sorted `embedding_bag` for W_dec:
-    no dense decoder pass per level.
-  * On a GPU, segments at least DENSE_DECODE_FRACTION of d_sae wide are decoded by
+  * The remaining levels are rank segments of one sort: segment s holds ranks [k_{s-1}, k_s), so
+    the work is B * K entries for K = the largest partial level, not B * sum(k). Entries past a
+    row's positives stay in place with a zero activation: they add nothing, the ReLU stops their
+    gradient, and every row keeps the same layout, so no masks or per-row counts are built (the
+    cost: rows with fewer than K positives still pay for K entries).
+  * `GatheredSegments` decodes a run of consecutive segments with one `embedding_bag` (one bag per
+    row and segment); each level's reconstruction is the previous one plus its segment, so
+    autograd hands each segment the suffix sum of the level gradients. Its backward sorts the
+    entries by feature once and reads each decoder row once: per-entry dot products against the
+    small upstream gradient for the activations (one GEMM and a gather for a segment wider than
+    DENSE_SEGMENT_FRACTION of d_sae) and one `embedding_bag` for W_dec. No dense decoder pass per
+    level.
+  * Segments at least DENSE_DECODE_FRACTION of d_sae wide (on a GPU) are decoded by
     `DenseSegmentDecode` instead: a scatter into one (B, d_sae) buffer and GEMMs (tensor cores beat
     gathers there); the buffer is rebuilt in backward rather than kept.
-Extra memory: the (B, K) sort, index arrays of the active entries below K, one (B, d_in)
-reconstruction per level, and (dense segments) one transient (B, d_sae) buffer.
+Extra memory: the (B, K) sort, its activations and int32 indices kept for backward, one (B, d_in)
+reconstruction per level, and transient feature-sorted index arrays and (dense segments or
+gradients) one (B, d_sae) buffer.
 """
 
 from __future__ import annotations
@@ -108,14 +113,14 @@ def _exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
-#: a segment whose mean active count per row exceeds this fraction of d_sae gets its activation
-#: gradient from one dense GEMM (dY_s W^T, then a gather) instead of per-entry dot products; the
-#: break-even measured with benchmarks/train_step.py on CPU (2 cores, 768 -> 6144) is about 1/8.
+#: a gathered segment wider than this fraction of d_sae gets its activation gradient from one dense
+#: GEMM (dY_s W^T, then a gather) instead of per-entry dot products; the break-even measured on CPU
+#: (2 cores, 768 -> 6144, batch 1024) is about 1/7.
 DENSE_SEGMENT_FRACTION = 1 / 8
 
 #: a rank segment at least this fraction of d_sae wide is decoded densely (`DenseSegmentDecode`:
 #: scatter into a (B, d_sae) buffer, GEMMs forward and backward) instead of gathered
-#: (`SegmentDecode`); keyed by (device type, autocast on). Measured with benchmarks/train_step.py
+#: (`GatheredSegments`); keyed by (device type, autocast on). Measured with benchmarks/train_step.py
 #: --dense-fraction (benchmarks/README.md): on CPU gathers win at every width; on an H100 in float32
 #: gathering the segments narrower than 1/32 of d_sae is best, and under bf16 autocast, where the
 #: GEMMs run on tensor cores and the gathers stay float32, decoding every segment densely is
@@ -170,52 +175,93 @@ class DenseSegmentDecode(torch.autograd.Function):
         return dc, None, dW
 
 
-class SegmentDecode(torch.autograd.Function):
-    """Y[b] = sum_{j in bag b} c_j W[idx_j] for one rank segment; bag b holds `counts[b]` entries.
+class GatheredSegments(torch.autograd.Function):
+    """Y[b, s] = sum_{j in segment s} c[b, j] W[idx[b, j]] for a run of consecutive rank segments.
 
-    forward: one embedding_bag. backward: dc_j = W[idx_j] . dY[b] as per-entry dot products (the
-    native per-sample-weights gradient) or, for a segment with many entries per row, one dense
-    GEMM dY W^T and a gather (see DENSE_SEGMENT_FRACTION); dW[f] = sum_{j: idx_j = f} c_j dY[bag(j)]
-    as one embedding_bag over dY with the entries grouped by feature.
+    c and idx are (B, w) with the segments as column ranges `bounds` = [0, w_1, ..., w]: every
+    row is one bag per segment, so the layout needs no offsets or masks of its own. Entries past a
+    row's positives have c = 0: they add nothing, and their gradient is stopped by the ReLU that
+    made them.
+
+    forward: one embedding_bag over the decoder rows (bags = (row, segment)).
+    backward: the entries sorted by feature (an int32 argsort), so that each decoder row is read
+    once per feature and the small (B * segments, d_in) upstream gradient is what is gathered:
+      dc[b, j] = W[idx[b, j]] . dY[b, s(j)]   per-entry dot products (the per-sample-weight
+                                              gradient with the roles of table and gradient swapped);
+                                              for a segment wider than DENSE_SEGMENT_FRACTION of
+                                              d_sae, one GEMM dY_s W^T and a gather instead
+      dW[f]    = sum_{(b, j): idx = f} c[b, j] dY[b, s(j)]   one embedding_bag over dY
     """
 
     @staticmethod
-    def forward(ctx, c, idx, W, counts):  # type: ignore[override]
-        offsets = _exclusive_cumsum(counts)
-        bag_of = torch.repeat_interleave(torch.arange(counts.numel(), device=idx.device), counts)
-        ctx.dense = idx.numel() > DENSE_SEGMENT_FRACTION * W.shape[0] * counts.numel()
-        ctx.save_for_backward(c, idx, W, offsets, bag_of)
-        return F.embedding_bag(idx, W, offsets, mode="sum", per_sample_weights=c)
+    def forward(ctx, c, idx, W, bounds):  # type: ignore[override]
+        B, w = idx.shape
+        dev = idx.device
+        flat = idx.reshape(-1).to(torch.int32)  # int32 indices: half the traffic, faster sorts
+        starts = torch.tensor(bounds[:-1], dtype=torch.int32, device=dev)
+        offsets = (torch.arange(B, dtype=torch.int32, device=dev)[:, None] * w + starts).reshape(-1)
+        ctx.bounds = bounds
+        ctx.save_for_backward(c, flat, W)
+        Y = F.embedding_bag(flat, W, offsets, mode="sum", per_sample_weights=c.reshape(-1))
+        return Y.view(B, len(bounds) - 1, W.shape[1])
 
     @staticmethod
     def backward(ctx, dY):  # type: ignore[override]
-        c, idx, W, offsets, bag_of = ctx.saved_tensors
+        c, flat, W = ctx.saved_tensors
+        B, w = c.shape
+        bounds = ctx.bounds
         dY = dY.contiguous()
         dc = dW = None
         if ctx.needs_input_grad[0]:
-            if ctx.dense:
-                dc = (dY @ W.T)[bag_of, idx]
-            else:
-                dc = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                    dY, W, idx, offsets, bag_of, 0, -1
-                )
+            dc = torch.empty_like(c)
+            idx = flat.view(B, w)
+            narrow = []  # columns of the segments whose gradient is gathered
+            for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+                if hi - lo > DENSE_SEGMENT_FRACTION * W.shape[0]:
+                    dc[:, lo:hi] = (dY[:, s] @ W.T).gather(1, idx[:, lo:hi].long())
+                else:
+                    narrow.append((s, lo, hi))
+            if narrow:
+                cols = torch.cat([torch.arange(lo, hi, device=c.device) for _, lo, hi in narrow])
+                segs = torch.cat([torch.full((hi - lo,), s, dtype=torch.int32, device=c.device)
+                                  for s, lo, hi in narrow])
+                dc_n = _feature_major_dots(idx.index_select(1, cols), segs, dY, W)
+                dc.index_copy_(1, cols, dc_n)
         if ctx.needs_input_grad[2]:
-            order = torch.argsort(idx)
-            per_feature = torch.bincount(idx, minlength=W.shape[0])
-            dW = F.embedding_bag(bag_of[order], dY, _exclusive_cumsum(per_feature), mode="sum",
-                                 per_sample_weights=c[order])
+            seg_of_col = torch.repeat_interleave(
+                torch.arange(len(bounds) - 1, dtype=torch.int32, device=c.device),
+                torch.tensor(bounds, device=c.device).diff())
+            dW = _feature_major_accumulate(flat.view(B, w), seg_of_col, c, dY, W.shape[0])
         return dc, None, dW, None
 
 
-def _gathered_segment(c: torch.Tensor, indices: torch.Tensor, n_pos: torch.Tensor, lo: int, k: int,
-                      W: torch.Tensor) -> torch.Tensor:
-    """SegmentDecode of ranks [lo, k), keeping only each row's active (positive) entries."""
-    seg_c, seg_idx = c[:, lo:k], indices[:, lo:k]
-    counts = (n_pos.clamp(max=k) - lo).clamp_min(0)
-    if bool((counts == k - lo).all()):  # every entry of the segment is active
-        return SegmentDecode.apply(seg_c.reshape(-1), seg_idx.reshape(-1), W, counts)
-    keep = torch.arange(lo, k, device=c.device) < n_pos[:, None]
-    return SegmentDecode.apply(seg_c[keep], seg_idx[keep], W, counts)
+def _feature_major(idx: torch.Tensor, seg_of_col: torch.Tensor, n_seg: int, n_features: int):
+    """Entries (b, j) of an int32 (B, w) index block sorted by feature: the sort order, each
+    entry's feature and its bag b * n_seg + seg_of_col[j] in the (B * n_seg, d) upstream gradient,
+    and per-feature offsets."""
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat)
+    B = idx.shape[0]
+    bag = (torch.arange(B, dtype=torch.int32, device=idx.device)[:, None] * n_seg + seg_of_col).reshape(-1)
+    offsets = _exclusive_cumsum(torch.bincount(flat, minlength=n_features)).to(torch.int32)
+    return order, flat.index_select(0, order), bag.index_select(0, order), offsets
+
+
+def _feature_major_dots(idx, seg_of_col, dY, W):
+    """dc[b, j] = W[idx[b, j]] . dY[b, seg_of_col[j]], each decoder row read once."""
+    B, w = idx.shape
+    order, feature, bag, offsets = _feature_major(idx, seg_of_col, dY.shape[1], W.shape[0])
+    H = dY.reshape(B * dY.shape[1], -1)
+    dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(W, H, bag, offsets, feature, 0, -1)
+    return torch.empty_like(dots).index_copy_(0, order, dots).view(B, w)
+
+
+def _feature_major_accumulate(idx, seg_of_col, c, dY, n_features):
+    """dW[f] = sum over entries with idx = f of c[b, j] dY[b, seg_of_col[j]]: one embedding_bag."""
+    B = idx.shape[0]
+    order, _, bag, offsets = _feature_major(idx, seg_of_col, dY.shape[1], n_features)
+    H = dY.reshape(B * dY.shape[1], -1)
+    return F.embedding_bag(bag, H, offsets, mode="sum", per_sample_weights=c.reshape(-1).index_select(0, order))
 
 
 def nested_topk_loss_fused(
@@ -245,19 +291,29 @@ def nested_topk_loss_fused(
     partial_out: dict[int, torch.Tensor] = {}
     if sel.partial:
         c = soft_cap(hidden_pre.gather(-1, sel.indices).relu(), cap)  # sorted, descending
-        n_pos = (sel.values > 0).sum(dim=-1)  # positives are a prefix of the sort
         W = W_dec.to(c.dtype)
-        recon = b_dec.to(c.dtype)
         dense_from = dense_decode_fraction(c.device.type) * W.shape[0]
-        lo = 0
-        for k in sel.partial:  # level k = level before + the rank segment [lo, k)
+        segments = list(zip([0, *sel.partial[:-1]], sel.partial))
+        pieces: list[torch.Tensor] = []  # each rank segment's decode, in order
+        j = 0
+        while j < len(segments):
+            lo, k = segments[j]
             if k - lo >= dense_from:
-                segment = DenseSegmentDecode.apply(c[:, lo:k], sel.indices[:, lo:k], W)
-            else:
-                segment = _gathered_segment(c, sel.indices, n_pos, lo, k, W)
-            recon = recon + segment
+                pieces.append(DenseSegmentDecode.apply(c[:, lo:k], sel.indices[:, lo:k], W))
+                j += 1
+                continue
+            end = j  # the run of consecutive gathered segments starting at j
+            while end < len(segments) and segments[end][1] - segments[end][0] < dense_from:
+                end += 1
+            hi = segments[end - 1][1]
+            bounds = [a - lo for a, _ in segments[j:end]] + [hi - lo]
+            Y = GatheredSegments.apply(c[:, lo:hi], sel.indices[:, lo:hi], W, bounds)
+            pieces.extend(Y.unbind(1))
+            j = end
+        recon = b_dec.to(c.dtype)
+        for k, piece in zip(sel.partial, pieces):  # level k = level before + its rank segment
+            recon = recon + piece
             partial_out[k] = recon
-            lo = k
 
     outputs = [partial_out[k] if k in partial_out else full_out for k in k_list]
     full_loss = reconstruction_loss(full_out, x, recon_loss) if full_out is not None else None
