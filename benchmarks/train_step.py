@@ -173,12 +173,30 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_child(method: str, d_in: int, d_sae: int, args: argparse.Namespace) -> dict:
+    """Time `method` in one child process and, on CPU, take its peak memory in a second one.
+
+    On CPU the peak is the child's peak RSS. glibc's malloc raises its mmap threshold as large
+    blocks are freed and then keeps later ones in its heap, so that peak depends on the
+    allocation history (run-to-run spread of several buffers). The memory child therefore runs
+    with a fixed MALLOC_MMAP_THRESHOLD_: every large tensor is mapped and unmapped on its own and
+    the peak RSS follows the peak of live tensors (reproducible to the MiB). That setting slows
+    steps with many large temporaries (a page fault per fresh tensor), so the timing child keeps
+    the default allocator.
+    """
     cmd = [sys.executable, __file__, "--child", "--method", method, "--d-in", str(d_in), "--d-sae", str(d_sae),
-           "--batch", str(args.batch), "--device", args.device, "--repeats", str(args.repeats),
-           "--warmup", str(args.warmup), "--active", str(args.active)]
+           "--batch", str(args.batch), "--device", args.device, "--warmup", str(args.warmup),
+           "--active", str(args.active)]
     cmd += ["--bf16"] * args.bf16 + ["--compile"] * args.compile
     cmd += ["--dense-fraction", str(args.dense_fraction)] if args.dense_fraction is not None else []
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    result = _child_json(cmd + ["--repeats", str(args.repeats)], method, os.environ)
+    if not args.device.startswith("cuda"):
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        result["peak_bytes"] = _child_json(cmd + ["--repeats", "1"], method, env)["peak_bytes"]
+    return result
+
+
+def _child_json(cmd: list[str], method: str, env) -> dict:
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"{method} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])

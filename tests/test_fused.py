@@ -126,34 +126,42 @@ def test_selection_collapses_levels_at_or_above_the_positive_count():
     assert sel.indices[0].tolist() == [0, 2]
 
 
+@pytest.mark.parametrize("with_full", [True, False], ids=["with_full", "segments_only"])
 @pytest.mark.parametrize("dense_dc", [0.0, 1 / 8, float("inf")], ids=["dense", "mixed", "gathered"])
-def test_gathered_segments_match_autograd_of_dense_math(dense_dc, monkeypatch):
-    """Values and both gradients of a run of rank segments, against one dense decode per segment;
-    repeated features across rows (the feature-sorted backward) and zero entries included. The
-    activation gradient of every segment by GEMM, of none, or of the segments wider than 1/8 of
-    the width (here the ones of width 2 and 3, not 1)."""
+def test_gathered_segments_match_autograd_of_dense_math(dense_dc, with_full, monkeypatch):
+    """Values and both gradients of the full decode and a run of rank segments, against dense
+    GEMMs on masked copies of z; repeated features across rows (the feature-sorted backward) and
+    zero activations included. The activation gradient of every segment by GEMM, of none, or of
+    the segments wider than 1/8 of the width (here the ones of width 2 and 3, not 1)."""
     monkeypatch.setattr(nested_topk, "DENSE_SEGMENT_FRACTION", dense_dc)
+    monkeypatch.setattr(nested_topk, "_ROW_BLOCK", 3)  # several row blocks for the dense gradient
+    monkeypatch.setattr(nested_topk, "_FEATURE_BLOCK", 5)  # several feature blocks for dW
     torch.manual_seed(0)
     B, D, d = 7, 12, 5
     bounds = [0, 2, 3, 6]  # three segments of widths 2, 1, 3
     idx = torch.stack([torch.randperm(D)[:6] for _ in range(B)])  # unique per row, like a sort
-    c = torch.rand(B, 6, dtype=torch.float64)
-    c[1, 4:] = 0.0  # past a row's positives
-    c.requires_grad_()
+    z = torch.rand(B, D, dtype=torch.float64)
+    z[1, idx[1, 4:]] = 0.0  # past a row's positives
+    z.requires_grad_()
     W = torch.randn(D, d, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda c, W: GatheredSegments.apply(c, idx, W, bounds), (c, W))
 
-    def dense(c, W):
-        return torch.stack([torch.zeros(B, D, dtype=c.dtype).scatter(1, idx[:, lo:hi], c[:, lo:hi]) @ W
-                            for lo, hi in zip(bounds[:-1], bounds[1:])], dim=1)
+    def fused(z, W):
+        full, Y = GatheredSegments.apply(z, W, idx, bounds, with_full)
+        return (full, Y) if with_full else Y
 
-    dY = torch.randn(B, 3, d, dtype=torch.float64)
-    got = GatheredSegments.apply(c, idx, W, bounds)
-    want = dense(c, W)
-    torch.testing.assert_close(got, want)
-    g_got = torch.autograd.grad(got, (c, W), dY)
-    g_want = torch.autograd.grad(want, (c, W), dY)
-    for a, b in zip(g_got, g_want):
+    assert torch.autograd.gradcheck(fused, (z, W))
+
+    def dense(z, W):
+        Y = torch.stack([(z * torch.zeros_like(z).scatter(1, idx[:, lo:hi], 1.0)) @ W
+                         for lo, hi in zip(bounds[:-1], bounds[1:])], dim=1)
+        return (z @ W, Y) if with_full else Y
+
+    got, want = fused(z, W), dense(z, W)
+    got, want = (got, want) if with_full else ((got,), (want,))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    upstream = [torch.randn_like(t) for t in want]
+    for a, b in zip(torch.autograd.grad(got, (z, W), upstream), torch.autograd.grad(want, (z, W), upstream)):
         torch.testing.assert_close(a, b)
 
 
@@ -170,10 +178,11 @@ def test_dense_segment_decode_gradients_match_autograd_of_dense_math():
     torch.testing.assert_close(DenseSegmentDecode.apply(c, idx, W), Z @ W)
 
 
-def test_dense_segments_follow_autocast_in_forward_and_backward(monkeypatch):
-    """Under CPU bf16 autocast the dense segment GEMMs run in bf16; losses and gradients stay
-    float32 and close to the float32 step."""
-    monkeypatch.setitem(nested_topk.DENSE_DECODE_FRACTION, ("cpu", True), 0.0)
+@pytest.mark.parametrize("fraction", [0.0, float("inf")], ids=["dense_segments", "gathered_segments"])
+def test_gemms_follow_autocast_in_forward_and_backward(fraction, monkeypatch):
+    """Under CPU bf16 autocast the GEMMs (the full level's, and the dense segments') run in bf16
+    in forward and backward; losses and gradients stay float32 and close to the float32 step."""
+    monkeypatch.setitem(nested_topk.DENSE_DECODE_FRACTION, ("cpu", True), fraction)
     fused, ref = _pair(32, 256, 0, k_list=[8, 32, 128, 256])
     x = torch.randn(128, 32, generator=torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=torch.bfloat16):

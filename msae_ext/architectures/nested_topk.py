@@ -176,92 +176,122 @@ class DenseSegmentDecode(torch.autograd.Function):
 
 
 class GatheredSegments(torch.autograd.Function):
-    """Y[b, s] = sum_{j in segment s} c[b, j] W[idx[b, j]] for a run of consecutive rank segments.
+    """The full level's decode and a run of consecutive rank segments' decodes, from the dense z.
 
-    c and idx are (B, w) with the segments as column ranges `bounds` = [0, w_1, ..., w]: every
-    row is one bag per segment, so the layout needs no offsets or masks of its own. Entries past a
-    row's positives have c = 0: they add nothing, and their gradient is stopped by the ReLU that
-    made them.
+        F       = z W                                          (when `with_full`; else empty)
+        Y[b, s] = sum_{j in segment s} z[b, idx[b, j]] W[idx[b, j]]
 
-    forward: one embedding_bag over the decoder rows (bags = (row, segment)).
-    backward: the entries sorted by feature (an int32 argsort), so that each decoder row is read
-    once per feature and the small (B * segments, d_in) upstream gradient is what is gathered:
-      dc[b, j] = W[idx[b, j]] . dY[b, s(j)]   per-entry dot products (the per-sample-weight
-                                              gradient with the roles of table and gradient swapped);
-                                              for a segment wider than DENSE_SEGMENT_FRACTION of
-                                              d_sae, one GEMM dY_s W^T and a gather instead
-      dW[f]    = sum_{(b, j): idx = f} c[b, j] dY[b, s(j)]   one embedding_bag over dY
+    idx is (B, w) with the segments as column ranges `bounds` = [0, w_1, ..., w]: every row is one
+    bag per segment, so the layout needs no offsets or masks of its own. Entries past a row's
+    positives have z = 0: they add nothing, and their gradient is stopped by the ReLU that made z.
+
+    forward: the GEMM (following the caller's autocast) and one float32 embedding_bag over the
+    decoder rows (bags = (row, segment)). Only z, W and int32 indices are kept for backward.
+    backward: dz = dF W^T is the one (B, d_sae) gradient buffer; the segments' activation
+    gradients are added into it in place. Those are per-entry dot products taken feature-major
+    (an int32 argsort, so that each decoder row is read once per feature and the small
+    (B * segments, d_in) upstream gradient is what is gathered; the per-sample-weight gradient
+    with the roles of table and gradient swapped), or, for a segment wider than
+    DENSE_SEGMENT_FRACTION of d_sae, one GEMM dY_s W^T (in row blocks) and a gather.
+    dW = z^T dF plus one feature-sorted embedding_bag over dY.
     """
 
     @staticmethod
-    def forward(ctx, c, idx, W, bounds):  # type: ignore[override]
+    def forward(ctx, z, W, idx, bounds, with_full):  # type: ignore[override]
         B, w = idx.shape
-        dev = idx.device
+        dev = z.device
+        ctx.autocast = _autocast_state(dev.type)
+        ctx.bounds, ctx.with_full = bounds, with_full
         flat = idx.reshape(-1).to(torch.int32)  # int32 indices: half the traffic, faster sorts
         starts = torch.tensor(bounds[:-1], dtype=torch.int32, device=dev)
         offsets = (torch.arange(B, dtype=torch.int32, device=dev)[:, None] * w + starts).reshape(-1)
-        ctx.bounds = bounds
-        ctx.save_for_backward(c, flat, W)
-        Y = F.embedding_bag(flat, W, offsets, mode="sum", per_sample_weights=c.reshape(-1))
-        return Y.view(B, len(bounds) - 1, W.shape[1])
+        ctx.save_for_backward(z, W, flat)
+        with torch.autocast(dev.type, enabled=False):
+            c = z.gather(1, idx).reshape(-1)
+            Y = F.embedding_bag(flat, W, offsets, mode="sum", per_sample_weights=c)
+        full = (z @ W).to(z.dtype) if with_full else z.new_empty(0)
+        return full, Y.view(B, len(bounds) - 1, W.shape[1])
 
     @staticmethod
-    def backward(ctx, dY):  # type: ignore[override]
-        c, flat, W = ctx.saved_tensors
-        B, w = c.shape
-        bounds = ctx.bounds
+    def backward(ctx, d_full, dY):  # type: ignore[override]
+        z, W, flat = ctx.saved_tensors
+        B, D = z.shape
+        idx = flat.view(B, -1)
+        dz = dW = None
+        want_z, want_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.with_full and d_full is not None:
+            with torch.autocast(z.device.type, dtype=ctx.autocast or torch.bfloat16,
+                                enabled=ctx.autocast is not None):
+                dz = (d_full @ W.T).to(z.dtype) if want_z else None
+                dW = (z.T @ d_full).to(W.dtype) if want_W else None
+        if dY is None:
+            return dz, dW, None, None, None
+        with torch.autocast(z.device.type, enabled=False):  # the segments stay float32
+            dz, dW = GatheredSegments._segment_grads(ctx, z, W, idx, dY, dz, dW)
+        return dz, dW, None, None, None
+
+    @staticmethod
+    def _segment_grads(ctx, z, W, idx, dY, dz, dW):
+        """Add the segments' terms to dz and dW in place (each created as zeros when absent)."""
+        B, D = z.shape
+        want_z, want_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dz = torch.zeros_like(z) if want_z and dz is None else dz
+        dW = torch.zeros_like(W) if want_W and dW is None else dW
         dY = dY.contiguous()
-        dc = dW = None
-        if ctx.needs_input_grad[0]:
-            dc = torch.empty_like(c)
-            idx = flat.view(B, w)
-            narrow = []  # columns of the segments whose gradient is gathered
-            for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-                if hi - lo > DENSE_SEGMENT_FRACTION * W.shape[0]:
-                    dc[:, lo:hi] = (dY[:, s] @ W.T).gather(1, idx[:, lo:hi].long())
-                else:
-                    narrow.append((s, lo, hi))
-            if narrow:
-                cols = torch.cat([torch.arange(lo, hi, device=c.device) for _, lo, hi in narrow])
-                segs = torch.cat([torch.full((hi - lo,), s, dtype=torch.int32, device=c.device)
-                                  for s, lo, hi in narrow])
-                dc_n = _feature_major_dots(idx.index_select(1, cols), segs, dY, W)
-                dc.index_copy_(1, cols, dc_n)
-        if ctx.needs_input_grad[2]:
-            seg_of_col = torch.repeat_interleave(
-                torch.arange(len(bounds) - 1, dtype=torch.int32, device=c.device),
-                torch.tensor(bounds, device=c.device).diff())
-            dW = _feature_major_accumulate(flat.view(B, w), seg_of_col, c, dY, W.shape[0])
-        return dc, None, dW, None
+        bounds = ctx.bounds
+        narrow = []  # (segment, first column, end column) of the segments taken feature-major
+        for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if hi - lo <= DENSE_SEGMENT_FRACTION * D:
+                narrow.append((s, lo, hi))
+                continue
+            for r in range(0, B, _ROW_BLOCK):  # GEMMs on (block, d_sae) slices, accumulated in place
+                rows = slice(r, r + _ROW_BLOCK)
+                cols = idx[rows, lo:hi].long()
+                if want_z:
+                    dz[rows].scatter_add_(1, cols, (dY[rows, s] @ W.T).gather(1, cols))
+                if want_W:
+                    S = torch.zeros_like(z[rows]).scatter_(1, cols, z[rows].gather(1, cols))
+                    dW.addmm_(S.T, dY[rows, s])
+        if not narrow:
+            return dz, dW
+        cols = torch.cat([torch.arange(lo, hi, device=z.device) for _, lo, hi in narrow])
+        seg_of_col = torch.cat([torch.full((hi - lo,), s, dtype=torch.int32, device=z.device)
+                                for s, lo, hi in narrow])
+        sub = idx.index_select(1, cols)
+        flat = sub.reshape(-1)
+        order = torch.argsort(flat)  # feature-major: each decoder row read once per feature
+        feature = flat.index_select(0, order)
+        n_seg = dY.shape[1]
+        bag = (torch.arange(B, dtype=torch.int32, device=z.device)[:, None] * n_seg + seg_of_col).reshape(-1)
+        bag = bag.index_select(0, order)  # the entry's row of the (B * segments, d_in) gradient
+        offsets = _exclusive_cumsum(torch.bincount(flat, minlength=D)).to(torch.int32)
+        pos = _flat_positions(sub, D).index_select(0, order)  # the entry's place in z
+        H = dY.view(B * n_seg, -1)
+        if want_z:  # dz[b, f] += W[f] . dY[b, s]
+            dz.view(-1).index_add_(0, pos, torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                W, H, bag, offsets, feature, 0, -1))
+        if want_W:  # dW[f] += sum over its entries of z[b, f] dY[b, s], a block of features at a time
+            c = z.view(-1).index_select(0, pos)
+            ends = torch.cat([offsets[1:], offsets.new_tensor([flat.numel()])]).tolist()
+            for f in range(0, D, _FEATURE_BLOCK):
+                fs = slice(f, f + _FEATURE_BLOCK)
+                a, b = int(offsets[f]), ends[min(f + _FEATURE_BLOCK, D) - 1]
+                dW[fs].add_(F.embedding_bag(bag[a:b], H, offsets[fs] - a, mode="sum", per_sample_weights=c[a:b]))
+        return dz, dW
 
 
-def _feature_major(idx: torch.Tensor, seg_of_col: torch.Tensor, n_seg: int, n_features: int):
-    """Entries (b, j) of an int32 (B, w) index block sorted by feature: the sort order, each
-    entry's feature and its bag b * n_seg + seg_of_col[j] in the (B * n_seg, d) upstream gradient,
-    and per-feature offsets."""
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat)
-    B = idx.shape[0]
-    bag = (torch.arange(B, dtype=torch.int32, device=idx.device)[:, None] * n_seg + seg_of_col).reshape(-1)
-    offsets = _exclusive_cumsum(torch.bincount(flat, minlength=n_features)).to(torch.int32)
-    return order, flat.index_select(0, order), bag.index_select(0, order), offsets
+def _flat_positions(idx: torch.Tensor, width: int) -> torch.Tensor:
+    """Row-major positions b * width + idx[b, j] of a (B, w) index block in a (B, width) tensor,
+    int32 where they fit (half the memory of the int64 a gather or scatter would need)."""
+    dtype = torch.int32 if idx.shape[0] * width < 2**31 else torch.int64
+    rows = torch.arange(idx.shape[0], dtype=dtype, device=idx.device)[:, None] * width
+    return (rows + idx.to(dtype)).reshape(-1)
 
 
-def _feature_major_dots(idx, seg_of_col, dY, W):
-    """dc[b, j] = W[idx[b, j]] . dY[b, seg_of_col[j]], each decoder row read once."""
-    B, w = idx.shape
-    order, feature, bag, offsets = _feature_major(idx, seg_of_col, dY.shape[1], W.shape[0])
-    H = dY.reshape(B * dY.shape[1], -1)
-    dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(W, H, bag, offsets, feature, 0, -1)
-    return torch.empty_like(dots).index_copy_(0, order, dots).view(B, w)
-
-
-def _feature_major_accumulate(idx, seg_of_col, c, dY, n_features):
-    """dW[f] = sum over entries with idx = f of c[b, j] dY[b, seg_of_col[j]]: one embedding_bag."""
-    B = idx.shape[0]
-    order, _, bag, offsets = _feature_major(idx, seg_of_col, dY.shape[1], n_features)
-    H = dY.reshape(B * dY.shape[1], -1)
-    return F.embedding_bag(bag, H, offsets, mode="sum", per_sample_weights=c.reshape(-1).index_select(0, order))
+#: rows per block of a wide gathered segment's backward GEMMs, and decoder rows per block of the
+#: narrow segments' dW: the transient buffers stay a fraction of one (B, d_sae) buffer
+_ROW_BLOCK = 256
+_FEATURE_BLOCK = 1024
 
 
 def nested_topk_loss_fused(
@@ -284,22 +314,20 @@ def nested_topk_loss_fused(
         hidden_pre = hidden_pre.float()
     x = x.to(hidden_pre.dtype)
     sel = nested_selection(hidden_pre, k_list)
+    z = soft_cap(hidden_pre.relu(), cap)
+    need_full = any(k not in sel.partial for k in k_list)
     full_out = None
-    if any(k not in sel.partial for k in k_list):
-        full_out = (soft_cap(hidden_pre.relu(), cap) @ W_dec + b_dec).to(hidden_pre.dtype)
-
     partial_out: dict[int, torch.Tensor] = {}
     if sel.partial:
-        c = soft_cap(hidden_pre.gather(-1, sel.indices).relu(), cap)  # sorted, descending
-        W = W_dec.to(c.dtype)
-        dense_from = dense_decode_fraction(c.device.type) * W.shape[0]
+        dense_from = dense_decode_fraction(z.device.type) * W_dec.shape[0]
         segments = list(zip([0, *sel.partial[:-1]], sel.partial))
         pieces: list[torch.Tensor] = []  # each rank segment's decode, in order
         j = 0
         while j < len(segments):
             lo, k = segments[j]
             if k - lo >= dense_from:
-                pieces.append(DenseSegmentDecode.apply(c[:, lo:k], sel.indices[:, lo:k], W))
+                c = z.gather(1, sel.indices[:, lo:k])
+                pieces.append(DenseSegmentDecode.apply(c, sel.indices[:, lo:k], W_dec.to(c.dtype)))
                 j += 1
                 continue
             end = j  # the run of consecutive gathered segments starting at j
@@ -307,13 +335,18 @@ def nested_topk_loss_fused(
                 end += 1
             hi = segments[end - 1][1]
             bounds = [a - lo for a, _ in segments[j:end]] + [hi - lo]
-            Y = GatheredSegments.apply(c[:, lo:hi], sel.indices[:, lo:hi], W, bounds)
+            with_full = need_full and full_out is None  # the first run also does the full GEMM
+            full, Y = GatheredSegments.apply(z, W_dec, sel.indices[:, lo:hi], bounds, with_full)
+            if with_full:
+                full_out = full + b_dec
             pieces.extend(Y.unbind(1))
             j = end
-        recon = b_dec.to(c.dtype)
+        recon = b_dec.to(z.dtype)
         for k, piece in zip(sel.partial, pieces):  # level k = level before + its rank segment
             recon = recon + piece
             partial_out[k] = recon
+    if need_full and full_out is None:
+        full_out = (z @ W_dec + b_dec).to(z.dtype)
 
     outputs = [partial_out[k] if k in partial_out else full_out for k in k_list]
     full_loss = reconstruction_loss(full_out, x, recon_loss) if full_out is not None else None
