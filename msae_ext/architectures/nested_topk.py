@@ -16,17 +16,18 @@ GEMMs) per level. It is the oracle of the tests.
     cost: rows with fewer than K positives still pay for K entries).
   * `GatheredSegments` decodes a run of consecutive segments with one `embedding_bag` (one bag per
     row and segment); each level's reconstruction is the previous one plus its segment, so
-    autograd hands each segment the suffix sum of the level gradients. Its backward sorts the
-    entries by feature once and reads each decoder row once: per-entry dot products against the
-    small upstream gradient for the activations (one GEMM and a gather for a segment wider than
-    DENSE_SEGMENT_FRACTION of d_sae) and one `embedding_bag` for W_dec. No dense decoder pass per
-    level.
+    autograd hands each segment the suffix sum of the level gradients. The same function does the
+    full level's GEMM, so one (B, d_sae) gradient buffer serves every level. Its backward takes
+    the narrow segments feature-major (one int32 sort; each decoder row read once): per-entry dot
+    products against the small upstream gradient for the activations and one `embedding_bag` for
+    W_dec. A segment wider than DENSE_SEGMENT_FRACTION of d_sae uses GEMMs in row blocks instead.
+    No dense decoder pass per level.
   * Segments at least DENSE_DECODE_FRACTION of d_sae wide (on a GPU) are decoded by
     `DenseSegmentDecode` instead: a scatter into one (B, d_sae) buffer and GEMMs (tensor cores beat
     gathers there); the buffer is rebuilt in backward rather than kept.
-Extra memory: the (B, K) sort, its activations and int32 indices kept for backward, one (B, d_in)
-reconstruction per level, and transient feature-sorted index arrays and (dense segments or
-gradients) one (B, d_sae) buffer.
+Extra memory: the (B, K) sort in forward and its int32 indices kept for backward, one (B, d_in)
+reconstruction per level, transient feature-sorted index arrays and blocked GEMM slices, and
+(dense segments) one transient (B, d_sae) buffer.
 """
 
 from __future__ import annotations
@@ -193,7 +194,8 @@ class GatheredSegments(torch.autograd.Function):
     (B * segments, d_in) upstream gradient is what is gathered; the per-sample-weight gradient
     with the roles of table and gradient swapped), or, for a segment wider than
     DENSE_SEGMENT_FRACTION of d_sae, one GEMM dY_s W^T (in row blocks) and a gather.
-    dW = z^T dF plus one feature-sorted embedding_bag over dY.
+    dW = z^T dF, plus one feature-sorted embedding_bag over dY for the narrow segments (in blocks
+    of decoder rows) and S_s^T dY_s in row blocks for a wide one.
     """
 
     @staticmethod
@@ -215,8 +217,7 @@ class GatheredSegments(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_full, dY):  # type: ignore[override]
         z, W, flat = ctx.saved_tensors
-        B, D = z.shape
-        idx = flat.view(B, -1)
+        idx = flat.view(z.shape[0], -1)
         dz = dW = None
         want_z, want_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.with_full and d_full is not None:
@@ -272,10 +273,10 @@ class GatheredSegments(torch.autograd.Function):
                 W, H, bag, offsets, feature, 0, -1))
         if want_W:  # dW[f] += sum over its entries of z[b, f] dY[b, s], a block of features at a time
             c = z.view(-1).index_select(0, pos)
-            ends = torch.cat([offsets[1:], offsets.new_tensor([flat.numel()])]).tolist()
+            starts = offsets.tolist() + [flat.numel()]  # feature f's entries: starts[f]:starts[f + 1]
             for f in range(0, D, _FEATURE_BLOCK):
                 fs = slice(f, f + _FEATURE_BLOCK)
-                a, b = int(offsets[f]), ends[min(f + _FEATURE_BLOCK, D) - 1]
+                a, b = starts[f], starts[min(f + _FEATURE_BLOCK, D)]
                 dW[fs].add_(F.embedding_bag(bag[a:b], H, offsets[fs] - a, mode="sum", per_sample_weights=c[a:b]))
         return dz, dW
 
