@@ -22,10 +22,15 @@ RTOL = 1e-5
 DECODE_MODES = {"gather": float("inf"), "dense": 0.0, "mixed": 1 / 8}
 
 
-@pytest.fixture(params=sorted(DECODE_MODES))
+@pytest.fixture(params=[*sorted(DECODE_MODES), "gather-pytorch"])
 def decode_mode(request, monkeypatch):
-    monkeypatch.setitem(nested_topk.DENSE_DECODE_FRACTION, ("cpu", False), DECODE_MODES[request.param])
-    return request.param
+    """Each decode mode; gathered segments by the compiled CPU kernels (where they build) and,
+    in "gather-pytorch", by the PyTorch path."""
+    mode = request.param.removesuffix("-pytorch")
+    monkeypatch.setitem(nested_topk.DENSE_DECODE_FRACTION, ("cpu", False), DECODE_MODES[mode])
+    if request.param.endswith("-pytorch"):
+        monkeypatch.setenv("MSAE_CPU_KERNELS", "0")
+    return mode
 
 
 def _pair(d_in, d_sae, seed, **cfg):

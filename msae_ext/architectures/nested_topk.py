@@ -38,20 +38,23 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .base import reconstruction_loss, soft_cap
 
 
 @dataclass
 class NestedSelection:
-    """One descending sort shared by the partial levels.
+    """One ranking shared by the partial levels.
 
-    partial: levels (k values) computed from the sorted prefix, increasing.
-    values, indices: the top-K pre-activations per row, K = max(partial) (empty when none).
+    partial: levels (k values) computed from the ranking, increasing.
+    indices: (B, K) int32, K = max(partial) (empty when none): row b's features of ranks
+        [k_{s-1}, k_s) in columns [k_{s-1}, k_s), in increasing feature order within each such
+        segment. Ranks are by pre-activation, descending, and between equal pre-activations by
+        feature, ascending: the order of a stable descending sort, the same on every device.
     Levels of the k-list not in `partial` equal the full ReLU level exactly.
     """
 
     partial: list[int]
-    values: torch.Tensor
     indices: torch.Tensor
 
 
@@ -60,12 +63,27 @@ def nested_selection(hidden_pre: torch.Tensor, k_list: list[int]) -> NestedSelec
     d_sae = hidden_pre.shape[-1]
     n_pos = int((hidden_pre > 0).sum(dim=-1).max()) if hidden_pre.numel() else 0
     partial = [k for k in k_list if k < min(n_pos, d_sae)]
-    if partial:
-        values, indices = hidden_pre.topk(partial[-1], dim=-1, sorted=True)
-    else:
-        values = hidden_pre.new_empty(hidden_pre.shape[0], 0)
-        indices = torch.empty(hidden_pre.shape[0], 0, dtype=torch.long, device=hidden_pre.device)
-    return NestedSelection(partial, values, indices)
+    if not partial:
+        empty = torch.empty(hidden_pre.shape[0], 0, dtype=torch.int32, device=hidden_pre.device)
+        return NestedSelection(partial, empty)
+    return NestedSelection(partial, rank_segments(hidden_pre, [0, *partial]))
+
+
+def rank_segments(pre: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    """(B, bounds[-1]) int32: each row's features of ranks [bounds[s], bounds[s+1]) in columns
+    [bounds[s], bounds[s+1]), in increasing feature order (`NestedSelection`). On CPU in float32
+    the compiled select (O(D + K log K) a row) does it; elsewhere one top-k over int64 keys that
+    order by value and then by feature, which gives the same result."""
+    kernels = _kernels_for(pre, pre)
+    if kernels is not None:
+        return kernels.nested_select(pre, list(bounds))
+    bits = pre.float().contiguous().view(torch.int32).long()
+    value_key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # orders like the float
+    feature = torch.arange(pre.shape[-1], device=pre.device)
+    key = (value_key << 32) | (0xFFFFFFFF - feature)  # distinct: equal values rank by feature
+    order = key.topk(bounds[-1], dim=-1, sorted=True).indices
+    segments = [order[:, a:b].sort(dim=-1).values for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(segments, dim=1).to(torch.int32)
 
 
 def nested_level_activations(
@@ -77,7 +95,7 @@ def nested_level_activations(
     levels = []
     for k in k_list:
         if k in sel.partial:
-            idx = sel.indices[:, :k]
+            idx = sel.indices[:, :k].long()
             z = torch.zeros_like(hidden_pre).scatter(-1, idx, hidden_pre.gather(-1, idx).relu())
             levels.append(soft_cap(z, cap))
         else:
@@ -209,8 +227,12 @@ class GatheredSegments(torch.autograd.Function):
         offsets = (torch.arange(B, dtype=torch.int32, device=dev)[:, None] * w + starts).reshape(-1)
         ctx.save_for_backward(z, W, flat)
         with torch.autocast(dev.type, enabled=False):
-            c = z.gather(1, idx).reshape(-1)
-            Y = F.embedding_bag(flat, W, offsets, mode="sum", per_sample_weights=c)
+            kernels = _kernels_for(z, W)
+            if kernels is not None:
+                Y = kernels.segments_forward(z, W, flat.view(B, w), list(bounds))
+            else:
+                c = z.gather(1, idx.long()).reshape(-1)
+                Y = F.embedding_bag(flat, W, offsets, mode="sum", per_sample_weights=c)
         full = (z @ W).to(z.dtype) if with_full else z.new_empty(0)
         return full, Y.view(B, len(bounds) - 1, W.shape[1])
 
@@ -240,6 +262,10 @@ class GatheredSegments(torch.autograd.Function):
         dW = torch.zeros_like(W) if want_W and dW is None else dW
         dY = dY.contiguous()
         bounds = ctx.bounds
+        kernels = _kernels_for(z, W)
+        if kernels is not None:
+            kernels.segments_backward(z, W, idx, list(bounds), dY, dz, dW)
+            return dz, dW
         narrow = []  # (segment, first column, end column) of the segments taken feature-major
         for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
             if hi - lo <= DENSE_SEGMENT_FRACTION * D:
@@ -279,6 +305,15 @@ class GatheredSegments(torch.autograd.Function):
                 a, b = starts[f], starts[min(f + _FEATURE_BLOCK, D)]
                 dW[fs].add_(F.embedding_bag(bag[a:b], H, offsets[fs] - a, mode="sum", per_sample_weights=c[a:b]))
         return dz, dW
+
+
+def _kernels_for(z: torch.Tensor, W: torch.Tensor):
+    """The compiled CPU segment kernels when they apply (CPU, contiguous float32), else None."""
+    if z.device.type != "cpu" or z.dtype != torch.float32 or W.dtype != torch.float32:
+        return None
+    if not (z.is_contiguous() and W.is_contiguous()):
+        return None
+    return cpu_kernels.segment_kernels()
 
 
 def _flat_positions(idx: torch.Tensor, width: int) -> torch.Tensor:
@@ -327,8 +362,9 @@ def nested_topk_loss_fused(
         while j < len(segments):
             lo, k = segments[j]
             if k - lo >= dense_from:
-                c = z.gather(1, sel.indices[:, lo:k])
-                pieces.append(DenseSegmentDecode.apply(c, sel.indices[:, lo:k], W_dec.to(c.dtype)))
+                idx = sel.indices[:, lo:k].long()
+                c = z.gather(1, idx)
+                pieces.append(DenseSegmentDecode.apply(c, idx, W_dec.to(c.dtype)))
                 j += 1
                 continue
             end = j  # the run of consecutive gathered segments starting at j

@@ -1,0 +1,93 @@
+"""Compiled CPU kernels for the fused MSAE loss's gathered rank segments (csrc/nested_segments.cpp).
+
+Built on first use with torch's JIT extension loader (a C++17 compiler and ninja, which is a
+dependency of this package), with -O3 -march=native, into torch's extension cache
+($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions); later processes load the cached build.
+The pure-PyTorch path in nested_topk.py computes the same thing and is used when the kernels are
+unavailable: a failed build warns once, with the compiler's reason, and falls back.
+
+MSAE_CPU_KERNELS=0 turns the kernels off; MSAE_CPU_KERNELS=require makes a failed build an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+SOURCE = Path(__file__).parent / "csrc" / "nested_segments.cpp"
+ENV = "MSAE_CPU_KERNELS"
+
+_lock = threading.Lock()
+_loaded: dict[str, ModuleType | None] = {}
+
+
+def _cpu_tag() -> str:
+    """-march=native builds are specific to the CPU: keep one build per CPU model and flag set."""
+    ident = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            ident += "".join(line for line in f if line.startswith(("model name", "flags"))).split("\n\n")[0]
+    except OSError:
+        ident += platform.processor()
+    return hashlib.sha1(ident.encode()).hexdigest()[:10]
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def segment_kernels() -> ModuleType | None:
+    """The compiled module, or None when turned off or not buildable here (warned once)."""
+    if not enabled():
+        return None
+    with _lock:
+        if "module" not in _loaded:
+            _loaded["module"] = _build()
+        return _loaded["module"]
+
+
+def _ninja_on_path() -> None:
+    """torch runs `ninja` from PATH; the ninja wheel's binary sits in the environment's bin folder,
+    which is not on PATH when the interpreter is called by its path (.venv/bin/python)."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+
+
+def _build() -> ModuleType | None:
+    from torch.utils import cpp_extension
+
+    _ninja_on_path()
+
+    name = f"msae_nested_segments_{_cpu_tag()}"
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    if not any(build_dir.glob(f"{name}*.so")):
+        print(f"msae_ext: compiling the CPU segment kernels into {build_dir} (first use on this machine, "
+              "about a minute)", file=sys.stderr, flush=True)
+    try:
+        return cpp_extension.load(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            verbose=False,
+        )
+    except Exception as exc:  # noqa: BLE001  (any build failure: no compiler, no ninja, bad headers)
+        if os.environ.get(ENV, "").strip().lower() == "require":
+            raise RuntimeError(f"{ENV}=require, but the CPU segment kernels did not build: {exc}") from exc
+        warnings.warn(f"msae_ext: the CPU segment kernels did not build ({type(exc).__name__}: "
+                      f"{str(exc).strip()[-500:]}); the fused MSAE loss uses its PyTorch path instead "
+                      f"(same results, slower). Set {ENV}=0 to skip the attempt.", RuntimeWarning, stacklevel=3)
+        return None

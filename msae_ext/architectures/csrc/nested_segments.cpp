@@ -1,0 +1,333 @@
+// CPU kernels for the gathered rank segments of the fused MSAE loss (see nested_topk.py).
+//
+// Shapes: z (B, D) activations, W (D, d) decoder, idx (B, K) int32 feature of each entry, with
+// the rank segments as column ranges bounds = [0, k_1, ..., K], H (B, S, d) the segments'
+// upstream gradients, S = len(bounds) - 1.
+//
+//   forward:   Y[b, s]      = sum_{j in s} z[b, idx[b, j]] W[idx[b, j]]
+//   backward:  dz[b, f]    += W[f] . H[b, s]            for f = idx[b, j], j in s
+//              dW[f]       += sum z[b, f] H[b, s]       over the entries with idx[b, j] = f
+//
+// All three walk the decoder a column chunk at a time (CH columns of all D rows, D * CH * 4 bytes:
+// 768 KiB for D = 6144, within a core's L2), so a gathered row costs one L2 read instead of one
+// trip to L3 or memory; the accumulators of one (row, segment) stay in registers. The forward and
+// dW passes split the chunks between threads (disjoint output columns, no races); the dz pass
+// splits the rows. An entry whose activation is zero adds nothing to Y or dW and is skipped there;
+// dz is computed for every entry (the ReLU that made the zero stops it).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t CH = 32;        // decoder columns per chunk
+
+struct Shape {
+  int64_t B, D, d, K, S;
+};
+
+Shape check(const torch::Tensor& z, const torch::Tensor& W, const torch::Tensor& idx,
+            const std::vector<int64_t>& bounds) {
+  TORCH_CHECK(z.device().is_cpu() && W.device().is_cpu() && idx.device().is_cpu(),
+              "nested_segments: CPU tensors expected");
+  TORCH_CHECK(z.scalar_type() == torch::kFloat && W.scalar_type() == torch::kFloat,
+              "nested_segments: float32 z and W expected, got ", z.scalar_type(), " and ", W.scalar_type());
+  TORCH_CHECK(idx.scalar_type() == torch::kInt, "nested_segments: int32 indices expected");
+  TORCH_CHECK(z.dim() == 2 && W.dim() == 2 && idx.dim() == 2, "nested_segments: 2-d z, W and idx expected");
+  TORCH_CHECK(z.is_contiguous() && W.is_contiguous() && idx.is_contiguous(),
+              "nested_segments: contiguous z, W and idx expected");
+  TORCH_CHECK(z.size(1) == W.size(0), "nested_segments: z has ", z.size(1), " latents, W has ", W.size(0), " rows");
+  TORCH_CHECK(idx.size(0) == z.size(0), "nested_segments: idx has ", idx.size(0), " rows, z has ", z.size(0));
+  TORCH_CHECK(bounds.size() >= 2 && bounds.front() == 0 && bounds.back() == idx.size(1),
+              "nested_segments: bounds must run from 0 to the number of index columns");
+  for (size_t s = 1; s < bounds.size(); ++s) {
+    TORCH_CHECK(bounds[s] >= bounds[s - 1], "nested_segments: bounds must not decrease");
+  }
+  return {z.size(0), z.size(1), W.size(1), idx.size(1), static_cast<int64_t>(bounds.size()) - 1};
+}
+
+// c[b, j] = z[b, idx[b, j]]
+std::vector<float> gather_activations(const float* z, const int32_t* idx, const Shape& n) {
+  std::vector<float> c(n.B * n.K);
+  at::parallel_for(0, n.B, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* zb = z + b * n.D;
+      const int32_t* ib = idx + b * n.K;
+      float* cb = c.data() + b * n.K;
+      for (int64_t j = 0; j < n.K; ++j) cb[j] = zb[ib[j]];
+    }
+  });
+  return c;
+}
+
+// One column chunk t of the decoder (D, d), packed: out[f][k] = A[f, t * CH + k], zero past d.
+// A packed chunk is contiguous: the decoder's own row stride (d floats, a multiple of 256 bytes
+// for the usual widths) would map a chunk's D rows onto a few L2 sets, evicting them before reuse.
+inline void pack_chunk(const float* A, int64_t D, int64_t d, int64_t t, int64_t f0, int64_t f1, float* out) {
+  const int64_t lo = t * CH, w = std::min(CH, d - lo);
+  for (int64_t f = f0; f < f1; ++f) {
+    std::copy_n(A + f * d + lo, w, out + f * CH);
+    std::fill(out + f * CH + w, out + (f + 1) * CH, 0.f);
+  }
+}
+
+// h[0:CH] = src[0:w], zero past w
+inline void load_chunk(float* h, const float* src, int64_t w) {
+  for (int64_t k = 0; k < CH; ++k) h[k] = k < w ? src[k] : 0.f;
+}
+
+// The three per-chunk loops over the entries j0 <= j < j1 of one (row, segment), on a packed chunk
+// Pt (D rows of CH floats):
+//   sum_chunk:     out[0:CH]     = sum_j a[j] Pt[f_j]
+//   scatter_chunk: Pt[f_j]      += a[j] h            (Pt: the packed gradient of the decoder)
+//   dots_chunk:    e[j]         += Pt[f_j] . h
+#if defined(__AVX2__) && defined(__FMA__)
+static_assert(CH == 32, "the AVX2 loops hold a chunk as four 8-float vectors");
+
+inline void sum_chunk(const float* Pt, const float* a, const int32_t* f, int64_t j0, int64_t j1, float* out) {
+  __m256 x[4] = {}, y[4] = {};  // two accumulator sets: consecutive entries overlap their FMA latency
+  int64_t j = j0;
+  for (; j + 2 <= j1; j += 2) {
+    const float* p = Pt + static_cast<int64_t>(f[j]) * CH;
+    const float* q = Pt + static_cast<int64_t>(f[j + 1]) * CH;
+    const __m256 ap = _mm256_set1_ps(a[j]), aq = _mm256_set1_ps(a[j + 1]);
+    for (int v = 0; v < 4; ++v) {
+      x[v] = _mm256_fmadd_ps(ap, _mm256_loadu_ps(p + 8 * v), x[v]);
+      y[v] = _mm256_fmadd_ps(aq, _mm256_loadu_ps(q + 8 * v), y[v]);
+    }
+  }
+  if (j < j1) {
+    const float* p = Pt + static_cast<int64_t>(f[j]) * CH;
+    const __m256 ap = _mm256_set1_ps(a[j]);
+    for (int v = 0; v < 4; ++v) x[v] = _mm256_fmadd_ps(ap, _mm256_loadu_ps(p + 8 * v), x[v]);
+  }
+  for (int v = 0; v < 4; ++v) _mm256_storeu_ps(out + 8 * v, _mm256_add_ps(x[v], y[v]));
+}
+
+inline void scatter_chunk(float* Pt, const float* a, const int32_t* f, int64_t j0, int64_t j1, const float* hp) {
+  const __m256 h[4] = {_mm256_loadu_ps(hp), _mm256_loadu_ps(hp + 8), _mm256_loadu_ps(hp + 16),
+                       _mm256_loadu_ps(hp + 24)};
+  for (int64_t j = j0; j < j1; ++j) {
+    if (a[j] == 0.f) continue;  // past the row's positives: adds nothing
+    float* p = Pt + static_cast<int64_t>(f[j]) * CH;
+    const __m256 aj = _mm256_set1_ps(a[j]);
+    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(p + 8 * v, _mm256_fmadd_ps(aj, h[v], _mm256_loadu_ps(p + 8 * v)));
+  }
+}
+
+// the lane sums of eight 8-float vectors, as one vector
+inline __m256 lane_sums(__m256 v0, __m256 v1, __m256 v2, __m256 v3, __m256 v4, __m256 v5, __m256 v6, __m256 v7) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));  // halves' sums of v0..v3
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v4, v5), _mm256_hadd_ps(v6, v7));  // and of v4..v7
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+inline __m256 chunk_products(const float* p, const __m256* h) {
+  __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(p), h[0]);
+  acc = _mm256_fmadd_ps(_mm256_loadu_ps(p + 8), h[1], acc);
+  acc = _mm256_fmadd_ps(_mm256_loadu_ps(p + 16), h[2], acc);
+  return _mm256_fmadd_ps(_mm256_loadu_ps(p + 24), h[3], acc);
+}
+
+// eight entries at a time: each entry's products folded into one vector, eight reduced together
+inline void dots_chunk(const float* Pt, const int32_t* f, int64_t j0, int64_t j1, const float* hp, float* e) {
+  const __m256 h[4] = {_mm256_loadu_ps(hp), _mm256_loadu_ps(hp + 8), _mm256_loadu_ps(hp + 16),
+                       _mm256_loadu_ps(hp + 24)};
+  auto row = [&](int64_t j) { return Pt + static_cast<int64_t>(f[j]) * CH; };
+  int64_t j = j0;
+  for (; j + 8 <= j1; j += 8) {
+    const __m256 r = lane_sums(chunk_products(row(j), h), chunk_products(row(j + 1), h),
+                               chunk_products(row(j + 2), h), chunk_products(row(j + 3), h),
+                               chunk_products(row(j + 4), h), chunk_products(row(j + 5), h),
+                               chunk_products(row(j + 6), h), chunk_products(row(j + 7), h));
+    _mm256_storeu_ps(e + j, _mm256_add_ps(_mm256_loadu_ps(e + j), r));
+  }
+  for (; j < j1; ++j) {
+    alignas(32) float v[8];
+    _mm256_store_ps(v, chunk_products(row(j), h));
+    e[j] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+  }
+}
+#else  // portable loops (the compiler vectorises over the chunk)
+inline void sum_chunk(const float* Pt, const float* a, const int32_t* f, int64_t j0, int64_t j1, float* out) {
+  float acc[CH] = {};
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* p = Pt + static_cast<int64_t>(f[j]) * CH;
+    for (int64_t k = 0; k < CH; ++k) acc[k] += a[j] * p[k];
+  }
+  std::copy_n(acc, CH, out);
+}
+
+inline void scatter_chunk(float* Pt, const float* a, const int32_t* f, int64_t j0, int64_t j1, const float* h) {
+  for (int64_t j = j0; j < j1; ++j) {
+    if (a[j] == 0.f) continue;
+    float* p = Pt + static_cast<int64_t>(f[j]) * CH;
+    for (int64_t k = 0; k < CH; ++k) p[k] += a[j] * h[k];
+  }
+}
+
+inline void dots_chunk(const float* Pt, const int32_t* f, int64_t j0, int64_t j1, const float* h, float* e) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* p = Pt + static_cast<int64_t>(f[j]) * CH;
+    float sum = 0.f;
+    for (int64_t k = 0; k < CH; ++k) sum += p[k] * h[k];
+    e[j] += sum;
+  }
+}
+#endif
+
+int64_t n_chunks(int64_t d) { return (d + CH - 1) / CH; }
+
+}  // namespace
+
+torch::Tensor segments_forward(const torch::Tensor& z, const torch::Tensor& W, const torch::Tensor& idx,
+                               const std::vector<int64_t>& bounds) {
+  const Shape n = check(z, W, idx, bounds);
+  auto Y = torch::empty({n.B, n.S, n.d}, z.options());
+  const int32_t* ip = idx.data_ptr<int32_t>();
+  const auto c = gather_activations(z.data_ptr<float>(), ip, n);
+  const float* Wp = W.data_ptr<float>();
+  float* Yp = Y.data_ptr<float>();
+  at::parallel_for(0, n_chunks(n.d), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> chunk(n.D * CH);
+    const float* Pt = chunk.data();
+    for (int64_t t = t0; t < t1; ++t) {  // threads take disjoint column chunks of Y
+      const int64_t lo = t * CH, w = std::min(CH, n.d - lo);
+      pack_chunk(Wp, n.D, n.d, t, 0, n.D, chunk.data());
+      for (int64_t b = 0; b < n.B; ++b) {
+        for (int64_t s = 0; s < n.S; ++s) {
+          alignas(32) float out[CH];
+          sum_chunk(Pt, c.data() + b * n.K, ip + b * n.K, bounds[s], bounds[s + 1], out);
+          std::copy_n(out, w, Yp + (b * n.S + s) * n.d + lo);
+        }
+      }
+    }
+  });
+  return Y;
+}
+
+// Adds the segments' terms into dz (B, D) and dW (D, d) in place; either may be None.
+void segments_backward(const torch::Tensor& z, const torch::Tensor& W, const torch::Tensor& idx,
+                       const std::vector<int64_t>& bounds, const torch::Tensor& H,
+                       const c10::optional<torch::Tensor>& dz, const c10::optional<torch::Tensor>& dW) {
+  const Shape n = check(z, W, idx, bounds);
+  TORCH_CHECK(H.scalar_type() == torch::kFloat && H.is_contiguous() && H.dim() == 3 && H.size(0) == n.B &&
+                  H.size(1) == n.S && H.size(2) == n.d,
+              "nested_segments: contiguous float32 upstream gradient of shape (B, segments, d) expected");
+  const int32_t* ip = idx.data_ptr<int32_t>();
+  const float* Hp = H.data_ptr<float>();
+  const int64_t chunks = n_chunks(n.d);
+  if (dW.has_value() && dW->defined()) {
+    TORCH_CHECK(dW->sizes() == W.sizes() && dW->is_contiguous() && dW->scalar_type() == torch::kFloat,
+                "nested_segments: dW must be a contiguous float32 tensor shaped like W");
+    const auto c = gather_activations(z.data_ptr<float>(), ip, n);
+    float* g = dW->data_ptr<float>();
+    at::parallel_for(0, chunks, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> G(n.D * CH);  // one chunk of dW's segment terms, packed like the decoder
+      for (int64_t t = t0; t < t1; ++t) {  // threads take disjoint column chunks of dW
+        const int64_t lo = t * CH, w = std::min(CH, n.d - lo);
+        std::fill(G.begin(), G.end(), 0.f);
+        for (int64_t b = 0; b < n.B; ++b) {
+          for (int64_t s = 0; s < n.S; ++s) {
+            alignas(32) float h[CH];
+            load_chunk(h, Hp + (b * n.S + s) * n.d + lo, w);
+            scatter_chunk(G.data(), c.data() + b * n.K, ip + b * n.K, bounds[s], bounds[s + 1], h);
+          }
+        }
+        for (int64_t f = 0; f < n.D; ++f)
+          for (int64_t k = 0; k < w; ++k) g[f * n.d + lo + k] += G[f * CH + k];
+      }
+    });
+  }
+  if (dz.has_value() && dz->defined()) {
+    TORCH_CHECK(dz->sizes() == z.sizes() && dz->is_contiguous() && dz->scalar_type() == torch::kFloat,
+                "nested_segments: dz must be a contiguous float32 tensor shaped like z");
+    float* g = dz->data_ptr<float>();
+    const float* Wp = W.data_ptr<float>();
+    std::vector<float> Pt(n.D * CH);       // the current chunk, packed
+    std::vector<float> E(n.B * n.K, 0.f);  // per-entry dot products, summed over the chunks
+    for (int64_t t = 0; t < chunks; ++t) {  // chunk by chunk: each stays in L2 for all the rows
+      const int64_t lo = t * CH, w = std::min(CH, n.d - lo);
+      at::parallel_for(0, n.D, 256, [&](int64_t f0, int64_t f1) { pack_chunk(Wp, n.D, n.d, t, f0, f1, Pt.data()); });
+      at::parallel_for(0, n.B, 16, [&](int64_t b0, int64_t b1) {  // threads take disjoint rows
+        for (int64_t b = b0; b < b1; ++b) {
+          for (int64_t s = 0; s < n.S; ++s) {
+            alignas(32) float h[CH];
+            load_chunk(h, Hp + (b * n.S + s) * n.d + lo, w);
+            dots_chunk(Pt.data(), ip + b * n.K, bounds[s], bounds[s + 1], h, E.data() + b * n.K);
+          }
+        }
+      });
+    }
+    at::parallel_for(0, n.B, 16, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {  // indices are unique within a row: no collisions
+        const int32_t* ib = ip + b * n.K;
+        const float* eb = E.data() + b * n.K;
+        float* gb = g + b * n.D;
+        for (int64_t j = 0; j < n.K; ++j) gb[ib[j]] += eb[j];
+      }
+    });
+  }
+}
+
+// Rank segments of each row of pre (B, D): idx[b, bounds[s]:bounds[s+1]] holds the features of ranks
+// bounds[s] .. bounds[s+1]-1 in increasing feature order, ranked by value descending and, between
+// equal values, by feature ascending (the order of a stable descending sort). One pass of selects
+// per row: O(D + K log K) instead of a sort of the row.
+torch::Tensor nested_select(const torch::Tensor& pre, const std::vector<int64_t>& bounds) {
+  TORCH_CHECK(pre.device().is_cpu() && pre.scalar_type() == torch::kFloat && pre.dim() == 2 && pre.is_contiguous(),
+              "nested_select: a contiguous 2-d float32 CPU tensor expected");
+  const int64_t B = pre.size(0), D = pre.size(1);
+  TORCH_CHECK(D < (int64_t(1) << 31), "nested_select: at most 2^31 - 1 latents");
+  TORCH_CHECK(bounds.size() >= 2 && bounds.front() == 0 && bounds.back() <= D,
+              "nested_select: bounds must run from 0 to at most the number of latents");
+  for (size_t s = 1; s < bounds.size(); ++s)
+    TORCH_CHECK(bounds[s] > bounds[s - 1], "nested_select: bounds must increase");
+  const int64_t K = bounds.back();
+  auto idx = torch::empty({B, K}, pre.options().dtype(torch::kInt));
+  const float* pp = pre.data_ptr<float>();
+  int32_t* ip = idx.data_ptr<int32_t>();
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    std::vector<uint64_t> key;
+    key.reserve(D);
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* row = pp + b * D;
+      // key: the value's order-preserving bits, inverted (descending), above the feature (ascending)
+      auto make = [&](int64_t f) {
+        uint32_t u;
+        std::memcpy(&u, row + f, 4);
+        u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+        return (static_cast<uint64_t>(~u) << 32) | static_cast<uint64_t>(f);
+      };
+      key.clear();
+      for (int64_t f = 0; f < D; ++f)
+        if (!(row[f] <= 0.f)) key.push_back(make(f));  // positive or NaN (NaN ranks first, as in a sort)
+      if (static_cast<int64_t>(key.size()) < K) {  // too few positives: rank the whole row
+        key.clear();
+        for (int64_t f = 0; f < D; ++f) key.push_back(make(f));
+      }
+      if (static_cast<int64_t>(key.size()) > K) std::nth_element(key.begin(), key.begin() + K - 1, key.end());
+      for (size_t s = bounds.size() - 1; s >= 2; --s)  // split the top bounds[s] at bounds[s - 1]
+        std::nth_element(key.begin(), key.begin() + bounds[s - 1] - 1, key.begin() + bounds[s]);
+      int32_t* out = ip + b * K;
+      for (int64_t j = 0; j < K; ++j) out[j] = static_cast<int32_t>(key[j] & 0xffffffffu);
+      for (size_t s = 1; s < bounds.size(); ++s) std::sort(out + bounds[s - 1], out + bounds[s]);
+    }
+  });
+  return idx;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("nested_select", &nested_select, "rank segments of each row, in increasing feature order");
+  m.def("segments_forward", &segments_forward, "Y[b, s] = sum over segment s of z[b, f] W[f]");
+  m.def("segments_backward", &segments_backward, "add the segments' terms to dz and dW in place");
+}

@@ -1,0 +1,138 @@
+"""The compiled CPU kernels of the fused MSAE loss (csrc/nested_segments.cpp) against plain math."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from msae_ext.architectures import cpu_kernels, nested_topk
+from msae_ext.architectures.nested_topk import GatheredSegments, rank_segments
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The built module. Where a compiler and ninja exist (CI) a failed build is a failure."""
+    if not cpu_kernels.enabled():
+        pytest.skip(f"{cpu_kernels.ENV}=0")
+    module = cpu_kernels.segment_kernels()
+    if module is None:
+        if shutil.which("c++") and shutil.which("ninja"):
+            pytest.fail("a compiler and ninja are here, but the CPU segment kernels did not build")
+        pytest.skip("no C++ compiler or ninja: the kernels cannot build here")
+    return module
+
+
+def _case(B, D, d, bounds, seed):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(D, generator=g)[: bounds[-1]] for _ in range(B)]).to(torch.int32)
+    z = torch.rand(B, D, generator=g)
+    z[0, idx[0, bounds[-1] // 2:].long()] = 0.0  # past a row's positives
+    z[1] = 0.0  # no positive at all
+    W = torch.randn(D, d, generator=g)
+    return z, W, idx
+
+
+def _dense_segments(z, W, idx, bounds):
+    """Y[b, s] = (z masked to segment s) @ W, in float64."""
+    z, W = z.double(), W.double()
+    masks = [torch.zeros_like(z).scatter(1, idx[:, lo:hi].long(), 1.0) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return torch.stack([(z * m) @ W for m in masks], dim=1)
+
+
+# d = 77: two whole 32-column chunks and a partial one; an empty segment; one segment only
+@pytest.mark.parametrize("shape", [(9, 50, 77, [0, 3, 3, 8, 20]), (5, 40, 64, [0, 40]), (3, 16, 5, [0, 1, 2, 4])],
+                         ids=["tail_chunk", "one_full_segment", "narrow"])
+def test_segment_kernels_match_dense_math(kernels, shape):
+    B, D, d, bounds = shape
+    z, W, idx = _case(B, D, d, bounds, seed=d)
+    got = kernels.segments_forward(z, W, idx, bounds)
+    torch.testing.assert_close(got.double(), _dense_segments(z, W, idx, bounds), rtol=1e-5, atol=1e-5)
+
+    zz, WW = z.double().requires_grad_(), W.double().requires_grad_()
+    H = torch.randn(B, len(bounds) - 1, d, generator=torch.Generator().manual_seed(1))
+    want_dz, want_dW = torch.autograd.grad(_dense_segments(zz, WW, idx, bounds), (zz, WW), H.double())
+    dz0, dW0 = torch.randn(B, D), torch.randn(D, d)  # the kernels add into what is there
+    dz, dW = dz0.clone(), dW0.clone()
+    kernels.segments_backward(z, W, idx, bounds, H, dz, dW)
+    torch.testing.assert_close((dz - dz0).double(), want_dz, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close((dW - dW0).double(), want_dW, rtol=1e-5, atol=1e-5)
+    only_W = dW0.clone()  # either gradient alone
+    kernels.segments_backward(z, W, idx, bounds, H, None, only_W)
+    torch.testing.assert_close(only_W, dW)
+
+
+def test_gathered_segments_with_and_without_kernels_agree(kernels, monkeypatch):
+    """The autograd function's two CPU paths (kernels, PyTorch): same outputs and gradients."""
+    B, D, d, bounds = 33, 300, 72, [0, 4, 8, 16, 40, 41]
+    z, W, idx = _case(B, D, d, bounds, seed=3)
+    results = []
+    for setting in ("1", "0"):
+        monkeypatch.setenv(cpu_kernels.ENV, setting)
+        zz, WW = z.clone().requires_grad_(), W.clone().requires_grad_()
+        full, Y = GatheredSegments.apply(zz, WW, idx, bounds, True)
+        up_full = torch.randn(full.shape, generator=torch.Generator().manual_seed(5))
+        up_Y = torch.randn(Y.shape, generator=torch.Generator().manual_seed(6))
+        results.append((full, Y, *torch.autograd.grad((full, Y), (zz, WW), (up_full, up_Y))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_select_matches_the_stable_ranking(kernels, monkeypatch):
+    """Rank segments from the compiled select equal the int64-key top-k path bit for bit, and both
+    equal a stable descending sort: ties (duplicated values, +-0), rows with fewer positives than
+    K, NaN and infinities."""
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(40, 300, generator=g).round(decimals=1)  # many exact ties
+    pre[:, 150:] = pre[:, :150]
+    pre[0, :] = -1.0  # no positive: the whole row is ranked
+    pre[1, :5] = 0.0
+    pre[1, 5:10] = -0.0
+    pre[2, 3], pre[2, 9], pre[2, 11] = float("nan"), float("inf"), float("-inf")
+    pre[3] = -pre[3].abs()
+    pre[3, :4] = 1.0  # four positives, fewer than K
+    bounds = [0, 1, 7, 30, 64]
+    got = kernels.nested_select(pre, bounds)
+    order = pre.sort(dim=-1, descending=True, stable=True).indices[:, :64]
+    want = torch.cat([order[:, a:b].sort(dim=-1).values for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
+    assert got.dtype == torch.int32 and torch.equal(got.long(), want)
+    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    assert torch.equal(rank_segments(pre, bounds), got)
+
+
+def test_kernels_name_bad_input(kernels):
+    z, W, idx = _case(4, 20, 8, [0, 5], seed=0)
+    with pytest.raises(RuntimeError, match="int32 indices"):
+        kernels.segments_forward(z, W, idx.long(), [0, 5])
+    with pytest.raises(RuntimeError, match="float32 z and W"):
+        kernels.segments_forward(z.double(), W, idx, [0, 5])
+    with pytest.raises(RuntimeError, match="z has 20 latents, W has 19 rows"):
+        kernels.segments_forward(z, W[:19].contiguous(), idx, [0, 5])
+    with pytest.raises(RuntimeError, match="bounds must run from 0"):
+        kernels.segments_forward(z, W, idx, [0, 4])
+    with pytest.raises(RuntimeError, match=r"shape \(B, segments, d\)"):
+        kernels.segments_backward(z, W, idx, [0, 5], torch.zeros(4, 2, 8), None, None)
+    with pytest.raises(RuntimeError, match="bounds must increase"):
+        kernels.nested_select(z, [0, 2, 2])
+
+
+def test_a_failed_build_warns_and_falls_back(monkeypatch):
+    """No compiler: one warning naming the cause, then the PyTorch path; `require` makes it an error."""
+    from torch.utils import cpp_extension
+
+    def broken(**_):
+        raise RuntimeError("c++: not found")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    monkeypatch.setenv(cpu_kernels.ENV, "1")
+    with pytest.warns(RuntimeWarning, match="c\\+\\+: not found"):
+        assert cpu_kernels.segment_kernels() is None
+    assert cpu_kernels.segment_kernels() is None  # remembered: no second attempt, no second warning
+    z, W, idx = _case(4, 20, 8, [0, 2, 5], seed=0)
+    assert nested_topk._kernels_for(z, W) is None
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    monkeypatch.setenv(cpu_kernels.ENV, "require")
+    with pytest.raises(RuntimeError, match="did not build"):
+        cpu_kernels.segment_kernels()
