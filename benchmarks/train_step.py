@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -172,27 +173,33 @@ def child(args: argparse.Namespace) -> None:
                       "active": active}))
 
 
-def run_child(method: str, d_in: int, d_sae: int, args: argparse.Namespace) -> dict:
-    """Time `method` in one child process and, on CPU, take its peak memory in a second one.
+def child_command(method: str, d_in: int, d_sae: int, args: argparse.Namespace) -> list[str]:
+    cmd = [sys.executable, __file__, "--child", "--method", method, "--d-in", str(d_in), "--d-sae", str(d_sae),
+           "--batch", str(args.batch), "--device", args.device, "--warmup", str(args.warmup),
+           "--active", str(args.active)]
+    cmd += ["--bf16"] * args.bf16 + ["--compile"] * args.compile
+    cmd += ["--dense-fraction", str(args.dense_fraction)] if args.dense_fraction is not None else []
+    return cmd
+
+
+def time_child(method: str, d_in: int, d_sae: int, args: argparse.Namespace) -> dict:
+    """Time `method` in one child process (on CUDA its peak memory comes with it)."""
+    return _child_json(child_command(method, d_in, d_sae, args) + ["--repeats", str(args.repeats)], method, os.environ)
+
+
+def cpu_peak_child(method: str, d_in: int, d_sae: int, args: argparse.Namespace) -> int:
+    """The peak memory of one CPU step, taken in a child of its own.
 
     On CPU the peak is the child's peak RSS. glibc's malloc raises its mmap threshold as large
     blocks are freed and then keeps later ones in its heap, so that peak depends on the
     allocation history (run-to-run spread of several buffers). The memory child therefore runs
     with a fixed MALLOC_MMAP_THRESHOLD_: every large tensor is mapped and unmapped on its own and
     the peak RSS follows the peak of live tensors (reproducible to the MiB). That setting slows
-    steps with many large temporaries (a page fault per fresh tensor), so the timing child keeps
+    steps with many large temporaries (a page fault per fresh tensor), so the timing children keep
     the default allocator.
     """
-    cmd = [sys.executable, __file__, "--child", "--method", method, "--d-in", str(d_in), "--d-sae", str(d_sae),
-           "--batch", str(args.batch), "--device", args.device, "--warmup", str(args.warmup),
-           "--active", str(args.active)]
-    cmd += ["--bf16"] * args.bf16 + ["--compile"] * args.compile
-    cmd += ["--dense-fraction", str(args.dense_fraction)] if args.dense_fraction is not None else []
-    result = _child_json(cmd + ["--repeats", str(args.repeats)], method, os.environ)
-    if not args.device.startswith("cuda"):
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-        result["peak_bytes"] = _child_json(cmd + ["--repeats", "1"], method, env)["peak_bytes"]
-    return result
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    return _child_json(child_command(method, d_in, d_sae, args) + ["--repeats", "1"], method, env)["peak_bytes"]
 
 
 def _child_json(cmd: list[str], method: str, env) -> dict:
@@ -200,6 +207,25 @@ def _child_json(cmd: list[str], method: str, env) -> dict:
     if res.returncode != 0:
         raise RuntimeError(f"{method} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+#: (numerator, denominator, label, target) of the printed time ratios
+RATIOS = [
+    ("msae_fused", "topk_k64", "fused / sae-lens TopK", "<= 1.3"),
+    ("msae_naive", "msae_fused", "naive / fused (speed-up)", ">= 4"),
+    ("msae_authors", "msae_fused", "authors / fused (speed-up)", ">= 4"),
+    ("msae_authors", "topk_k64", "authors / sae-lens TopK", ""),
+    ("msae_fused", "matryoshka_btk", "fused / sae-lens matryoshka", ""),
+    ("msae_fused", "relu", "fused / ReLU", ""),
+]
+
+
+def _kernel_state() -> str:
+    from msae_ext.architectures import cpu_kernels
+
+    if not cpu_kernels.enabled():
+        return f"off ({cpu_kernels.ENV}=0)"
+    return "on" if cpu_kernels.segment_kernels() is not None else "unavailable (PyTorch path)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -211,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--repeats", type=int, default=None, help="timed steps per method (median reported)")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every method this many times, interleaved; report the median of the "
+                        "rounds and each ratio's median over the rounds (a noisy machine)")
     p.add_argument("--active", type=float, default=0.5,
                    help="fraction of positive pre-activations (0.5 = initialisation)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
@@ -239,32 +268,35 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# device {args.device} ({dev}), torch {torch.__version__}, {os.cpu_count()} CPUs, threads "
           f"{torch.get_num_threads()}; batch {args.batch}; bf16 {args.bf16}; compile {args.compile}; "
           f"dense fraction {args.dense_fraction if args.dense_fraction is not None else 'default'}; "
-          f"median of {args.repeats} steps after {args.warmup} warm-up")
+          f"median of {args.repeats} steps after {args.warmup} warm-up"
+          + (f", {args.rounds} interleaved rounds" if args.rounds > 1 else "")
+          + ("" if args.device.startswith("cuda") else f"; CPU segment kernels {_kernel_state()}"))
     for d_in, d_sae in shapes:
         ks = k_list_for(d_sae)
         buf = args.batch * d_sae * 4
-        results = {}
-        for m in methods:
-            results[m] = run_child(m, d_in, d_sae, args)
+        rounds: list[dict[str, dict]] = []
+        for _ in range(args.rounds):  # methods interleaved, so that drift hits every method alike
+            rounds.append({m: time_child(m, d_in, d_sae, args) for m in methods})
+        results = {m: {**rounds[0][m], "ms": statistics.median(r[m]["ms"] for r in rounds)} for m in methods}
+        if not args.device.startswith("cuda"):
+            for m in methods:
+                results[m]["peak_bytes"] = cpu_peak_child(m, d_in, d_sae, args)
         print(f"\n## {d_in} -> {d_sae}, {len(ks)} levels {ks}, active fraction "
               f"{results[methods[0]]['active']:.3f}; one batch-by-width float32 buffer = {buf / 2**20:.0f} MiB")
-        print(f"{'method':<16}{'ms/step':>10}{'peak MiB':>10}{'peak/buffer':>13}")
+        spread = args.rounds > 1
+        print(f"{'method':<16}{'ms/step':>10}{'peak MiB':>10}{'peak/buffer':>13}" + ("  ms per round" if spread else ""))
         for m in methods:
             r = results[m]
-            print(f"{m:<16}{r['ms']:>10.1f}{r['peak_bytes'] / 2**20:>10.0f}{r['peak_bytes'] / buf:>13.2f}")
+            per_round = "  " + " ".join(f"{x[m]['ms']:.0f}" for x in rounds) if spread else ""
+            print(f"{m:<16}{r['ms']:>10.1f}{r['peak_bytes'] / 2**20:>10.0f}{r['peak_bytes'] / buf:>13.2f}{per_round}")
+
+        def ratio(a: str, b: str) -> float:  # the median over rounds of the ratio within each round
+            return statistics.median(x[a]["ms"] / x[b]["ms"] for x in rounds)
+
         ratios = []
-        if "msae_fused" in results and "topk_k64" in results:
-            ratios.append(("fused / sae-lens TopK", results["msae_fused"]["ms"] / results["topk_k64"]["ms"], "<= 1.3"))
-        if "msae_fused" in results and "msae_naive" in results:
-            ratios.append(("naive / fused (speed-up)", results["msae_naive"]["ms"] / results["msae_fused"]["ms"], ">= 4"))
-        if "msae_fused" in results and "msae_authors" in results:
-            ratios.append(("authors / fused (speed-up)", results["msae_authors"]["ms"] / results["msae_fused"]["ms"], ">= 4"))
-        if "msae_authors" in results and "topk_k64" in results:
-            ratios.append(("authors / sae-lens TopK", results["msae_authors"]["ms"] / results["topk_k64"]["ms"], ""))
-        if "msae_fused" in results and "matryoshka_btk" in results:
-            ratios.append(("fused / sae-lens matryoshka", results["msae_fused"]["ms"] / results["matryoshka_btk"]["ms"], ""))
-        if "msae_fused" in results and "relu" in results:
-            ratios.append(("fused / ReLU", results["msae_fused"]["ms"] / results["relu"]["ms"], ""))
+        for a, b, name, target in RATIOS:
+            if a in results and b in results:
+                ratios.append((name, ratio(a, b), target))
         if "msae_fused" in results and "msae_1level" in results:
             extra = (results["msae_fused"]["peak_bytes"] - results["msae_1level"]["peak_bytes"]) / buf
             ratios.append(("fused peak - 1-level peak, in buffers", extra, "<= 1"))

@@ -80,9 +80,9 @@ def test_gathered_segments_with_and_without_kernels_agree(kernels, monkeypatch):
 
 
 def test_select_matches_the_stable_ranking(kernels, monkeypatch):
-    """Rank segments from the compiled select equal the int64-key top-k path bit for bit, and both
-    equal a stable descending sort: ties (duplicated values, +-0), rows with fewer positives than
-    K, NaN and infinities."""
+    """Rank segments from the compiled select and from the PyTorch path (top-k, exact int64 keys
+    for rows with ties at a boundary) hold the features of a stable descending sort's ranks:
+    ties (duplicated values, +-0), rows with fewer positives than K, NaN and infinities."""
     g = torch.Generator().manual_seed(0)
     pre = torch.randn(40, 300, generator=g).round(decimals=1)  # many exact ties
     pre[:, 150:] = pre[:, :150]
@@ -93,12 +93,21 @@ def test_select_matches_the_stable_ranking(kernels, monkeypatch):
     pre[3] = -pre[3].abs()
     pre[3, :4] = 1.0  # four positives, fewer than K
     bounds = [0, 1, 7, 30, 64]
+
+    def canonical(idx):  # segments as sets: each sorted
+        return torch.cat([idx[:, a:b].long().sort(dim=-1).values for a, b in zip(bounds[:-1], bounds[1:])], 1)
+
     got = kernels.nested_select(pre, bounds)
-    order = pre.sort(dim=-1, descending=True, stable=True).indices[:, :64]
-    want = torch.cat([order[:, a:b].sort(dim=-1).values for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
-    assert got.dtype == torch.int32 and torch.equal(got.long(), want)
+    want = pre.sort(dim=-1, descending=True, stable=True).indices[:, :64]
+    assert got.dtype == torch.int32 and torch.equal(canonical(got), canonical(want))
     monkeypatch.setenv(cpu_kernels.ENV, "0")
-    assert torch.equal(rank_segments(pre, bounds), got)
+    fallback = rank_segments(pre, bounds)  # ties at boundaries: exact keys
+    assert fallback.dtype == torch.int32 and torch.equal(canonical(fallback), canonical(want))
+    distinct = torch.randn(30, 300, generator=g)  # no ties: the plain top-k
+    distinct[:3, :40] = 2.0  # three rows whose ties straddle boundaries, among rows without
+    want = distinct.sort(dim=-1, descending=True, stable=True).indices[:, :64]
+    assert torch.equal(canonical(rank_segments(distinct, bounds)), canonical(want))
+    assert torch.equal(canonical(kernels.nested_select(distinct, bounds)), canonical(want))
 
 
 def test_kernels_name_bad_input(kernels):

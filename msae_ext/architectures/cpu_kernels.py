@@ -30,12 +30,17 @@ _loaded: dict[str, ModuleType | None] = {}
 
 def _cpu_tag() -> str:
     """-march=native builds are specific to the CPU: keep one build per CPU model and flag set."""
-    ident = platform.machine()
+    ident = platform.machine() + platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
-            ident += "".join(line for line in f if line.startswith(("model name", "flags"))).split("\n\n")[0]
+            first = {}  # the first processor's model name and flags
+            for line in f:
+                key = line.split(":")[0].strip()
+                if key in ("model name", "flags"):
+                    first.setdefault(key, line)
+        ident += "".join(first.values())
     except OSError:
-        ident += platform.processor()
+        pass
     return hashlib.sha1(ident.encode()).hexdigest()[:10]
 
 

@@ -22,12 +22,17 @@ GEMMs) per level. It is the oracle of the tests.
     products against the small upstream gradient for the activations and one `embedding_bag` for
     W_dec. A segment wider than DENSE_SEGMENT_FRACTION of d_sae uses GEMMs in row blocks instead.
     No dense decoder pass per level.
+  * On CPU in float32 the segments' forward and backward and the selection run as compiled
+    kernels (cpu_kernels.py, csrc/nested_segments.cpp: column chunks of the decoder kept in L2,
+    AVX2 where available; a select per row instead of a sort), built on first use; where they do
+    not build, the PyTorch path above computes the same values.
   * Segments at least DENSE_DECODE_FRACTION of d_sae wide (on a GPU) are decoded by
     `DenseSegmentDecode` instead: a scatter into one (B, d_sae) buffer and GEMMs (tensor cores beat
     gathers there); the buffer is rebuilt in backward rather than kept.
-Extra memory: the (B, K) sort in forward and its int32 indices kept for backward, one (B, d_in)
-reconstruction per level, transient feature-sorted index arrays and blocked GEMM slices, and
-(dense segments) one transient (B, d_sae) buffer.
+Extra memory: the (B, K) int32 ranking, kept for backward, one (B, d_in) reconstruction per
+level, and transients: (kernels) a (B, K) float32 buffer and a packed decoder chunk per thread,
+(PyTorch path) feature-sorted index arrays and blocked GEMM slices, (dense segments) one
+(B, d_sae) buffer.
 """
 
 from __future__ import annotations
@@ -48,9 +53,10 @@ class NestedSelection:
 
     partial: levels (k values) computed from the ranking, increasing.
     indices: (B, K) int32, K = max(partial) (empty when none): row b's features of ranks
-        [k_{s-1}, k_s) in columns [k_{s-1}, k_s), in increasing feature order within each such
-        segment. Ranks are by pre-activation, descending, and between equal pre-activations by
-        feature, ascending: the order of a stable descending sort, the same on every device.
+        [k_{s-1}, k_s) in columns [k_{s-1}, k_s), in no particular order within such a segment
+        (the sums over a segment do not depend on it). Ranks are by pre-activation, descending,
+        and between equal pre-activations by feature, ascending: the ranks of a stable
+        descending sort, so every path and device selects the same segments.
     Levels of the k-list not in `partial` equal the full ReLU level exactly.
     """
 
@@ -71,19 +77,33 @@ def nested_selection(hidden_pre: torch.Tensor, k_list: list[int]) -> NestedSelec
 
 def rank_segments(pre: torch.Tensor, bounds: list[int]) -> torch.Tensor:
     """(B, bounds[-1]) int32: each row's features of ranks [bounds[s], bounds[s+1]) in columns
-    [bounds[s], bounds[s+1]), in increasing feature order (`NestedSelection`). On CPU in float32
-    the compiled select (O(D + K log K) a row) does it; elsewhere one top-k over int64 keys that
-    order by value and then by feature, which gives the same result."""
+    [bounds[s], bounds[s+1]) (`NestedSelection`). On CPU in float32 the compiled select (no sort,
+    O(D + K) a row) does it; elsewhere one top-k, with the rows where equal values straddle a
+    segment boundary (or NaN appears) ranked again by exact keys."""
     kernels = _kernels_for(pre, pre)
     if kernels is not None:
         return kernels.nested_select(pre, list(bounds))
+    K, D = bounds[-1], pre.shape[-1]
+    values, order = pre.topk(min(K + 1, D), dim=-1, sorted=True)
+    ambiguous = values.isnan().any(dim=-1)
+    for k in bounds[1:]:
+        if k < values.shape[1]:  # is rank k - 1 tied with rank k?
+            ambiguous |= values[:, k - 1] == values[:, k]
+    order = order[:, :K]
+    rows = ambiguous.nonzero().squeeze(1)
+    if rows.numel():
+        order[rows] = _ranked_by_keys(pre[rows], K)
+    return order.to(torch.int32)
+
+
+def _ranked_by_keys(pre: torch.Tensor, K: int) -> torch.Tensor:
+    """The top-K features of each row ordered by value descending, then feature ascending (NaN
+    first, as in a sort): one top-k over distinct int64 keys."""
     bits = pre.float().contiguous().view(torch.int32).long()
     value_key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # orders like the float
     feature = torch.arange(pre.shape[-1], device=pre.device)
     key = (value_key << 32) | (0xFFFFFFFF - feature)  # distinct: equal values rank by feature
-    order = key.topk(bounds[-1], dim=-1, sorted=True).indices
-    segments = [order[:, a:b].sort(dim=-1).values for a, b in zip(bounds[:-1], bounds[1:])]
-    return torch.cat(segments, dim=1).to(torch.int32)
+    return key.topk(K, dim=-1, sorted=True).indices
 
 
 def nested_level_activations(
