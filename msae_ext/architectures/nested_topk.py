@@ -97,8 +97,8 @@ def rank_segments(pre: torch.Tensor, bounds: list[int]) -> torch.Tensor:
 
 
 def _ranked_by_keys(pre: torch.Tensor, K: int) -> torch.Tensor:
-    """The top-K features of each row ordered by value descending, then feature ascending (NaN
-    first, as in a sort): one top-k over distinct int64 keys."""
+    """The top-K features of each row ordered by value descending, then feature ascending (a NaN
+    with the sign bit clear first, as in a sort): one top-k over distinct int64 keys."""
     bits = pre.float().contiguous().view(torch.int32).long()
     value_key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # orders like the float
     feature = torch.arange(pre.shape[-1], device=pre.device)
@@ -243,14 +243,14 @@ class GatheredSegments(torch.autograd.Function):
         ctx.autocast = _autocast_state(dev.type)
         ctx.bounds, ctx.with_full = bounds, with_full
         flat = idx.reshape(-1).to(torch.int32)  # int32 indices: half the traffic, faster sorts
-        starts = torch.tensor(bounds[:-1], dtype=torch.int32, device=dev)
-        offsets = (torch.arange(B, dtype=torch.int32, device=dev)[:, None] * w + starts).reshape(-1)
         ctx.save_for_backward(z, W, flat)
         with torch.autocast(dev.type, enabled=False):
             kernels = _kernels_for(z, W)
             if kernels is not None:
                 Y = kernels.segments_forward(z, W, flat.view(B, w), list(bounds))
-            else:
+            else:  # one bag per (row, segment)
+                starts = torch.tensor(bounds[:-1], dtype=torch.int32, device=dev)
+                offsets = (torch.arange(B, dtype=torch.int32, device=dev)[:, None] * w + starts).reshape(-1)
                 c = z.gather(1, idx.long()).reshape(-1)
                 Y = F.embedding_bag(flat, W, offsets, mode="sum", per_sample_weights=c)
         full = (z @ W).to(z.dtype) if with_full else z.new_empty(0)

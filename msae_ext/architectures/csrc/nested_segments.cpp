@@ -12,8 +12,9 @@
 // 768 KiB for D = 6144, within a core's L2), so a gathered row costs one L2 read instead of one
 // trip to L3 or memory; the accumulators of one (row, segment) stay in registers. The forward and
 // dW passes split the chunks between threads (disjoint output columns, no races); the dz pass
-// splits the rows. An entry whose activation is zero adds nothing to Y or dW and is skipped there;
-// dz is computed for every entry (the ReLU that made the zero stops it).
+// takes one chunk at a time and splits the rows. An entry whose activation is zero (past its
+// row's positives) is skipped by the dW pass; dz is computed for every entry (the ReLU that made
+// the zero stops it).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
