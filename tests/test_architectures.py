@@ -65,6 +65,56 @@ def test_paper_initialisation(name):
     assert torch.count_nonzero(sae.b_enc) == 0 and torch.count_nonzero(sae.b_dec) == 0
 
 
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_encoder_gradients_equal_plain_autograd(name):
+    """hidden_pre gives b_dec its gradient from the batch sum (CenteredEncode); every parameter's
+    gradient of a full training loss equals autograd's through (x - b_dec) @ W_enc + b_enc."""
+    _, _, sae_cls, cfg_cls = ARCHITECTURES[name]
+    sae = make(sae_cls, cfg_cls, dtype="float64", **({"k": 4} if name in ("topk", "batchtopk") else {}))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(6, 8, dtype=torch.float64)
+    params = list(sae.parameters())
+    loss = sae.training_forward_pass(step_input(x)).loss
+    grads = torch.autograd.grad(loss, params)
+
+    plain = sae.hidden_pre
+    sae.hidden_pre = lambda v: (v - sae.b_dec) @ sae.W_enc + sae.b_enc  # autograd's own path
+    expected = torch.autograd.grad(sae.training_forward_pass(step_input(x)).loss, params)
+    for (pname, _), g, e in zip(sae.named_parameters(), grads, expected):
+        torch.testing.assert_close(g, e, msg=lambda m, n=pname: f"{n}: {m}")
+    assert grads[[n for n, _ in sae.named_parameters()].index("b_dec")].abs().sum() > 0
+
+    # an input that needs a gradient takes autograd's path and gets it
+    sae.hidden_pre = plain
+    xg = x.clone().requires_grad_()
+    dx = torch.autograd.grad(sae.training_forward_pass(step_input(xg)).loss, xg)[0]
+    xg2 = x.clone().requires_grad_()
+    sae.hidden_pre = lambda v: (v - sae.b_dec) @ sae.W_enc + sae.b_enc
+    torch.testing.assert_close(dx, torch.autograd.grad(sae.training_forward_pass(step_input(xg2)).loss, xg2)[0])
+
+
+def test_encoder_gradients_under_autocast():
+    """Under bf16 autocast the encoder GEMMs run in bf16 in forward and backward, as autograd's
+    would; b_dec's gradient (summed first, float32) is at least as close to the float32 one."""
+    sae = make(ReLUTrainingSAE, ReLUTrainingSAEConfig)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(64, 8)
+    params = list(sae.parameters())
+    ref = torch.autograd.grad(sae.training_forward_pass(step_input(x)).loss, params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sae.training_forward_pass(step_input(x))
+        pre = sae.hidden_pre(x)
+    assert pre.dtype == torch.float32  # the bf16 GEMM plus the float32 bias, as before
+    got = torch.autograd.grad(out.loss, params)
+    for (pname, _), g, r in zip(sae.named_parameters(), got, ref):
+        assert g.dtype == r.dtype
+        assert (g - r).norm() <= 0.05 * r.norm(), pname
+
+
 def naive_msae_loss(x, W_enc, b_enc, W_dec, b_dec, k_list, alphas, cap=None, nmse=False, norm_alpha=False):
     """Per-sample, per-level loop straight from eq. 2 of the paper."""
     total = 0.0

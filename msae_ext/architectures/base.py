@@ -39,6 +39,46 @@ def soft_cap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
     return cap * torch.tanh(z / cap)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts matrix products to on this device type, or None when it is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+class CenteredEncode(torch.autograd.Function):
+    """pre = xc W_enc + b_enc, where the caller computed xc = x - b_dec and x needs no gradient.
+
+    Autograd would give b_dec its gradient through xc: a (B, d_in) GEMM dpre W_enc^T, summed over
+    the batch afterwards (a sixth GEMM in a step that needs five). Summing first is the same math:
+        d b_dec = -(sum_b dpre_b) W_enc^T,   d W_enc = xc^T dpre,   d b_enc = sum_b dpre_b
+    one vector-matrix product instead of the GEMM. The forward is the caller's expression,
+    unchanged; the GEMMs follow the caller's autocast, in forward and in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, xc, b_dec, W_enc, b_enc):  # type: ignore[override]
+        ctx.autocast = autocast_dtype(xc.device.type)
+        ctx.save_for_backward(xc, W_enc)
+        return xc @ W_enc + b_enc
+
+    @staticmethod
+    def backward(ctx, d_pre):  # type: ignore[override]
+        xc, W_enc = ctx.saved_tensors
+        acc = torch.promote_types(d_pre.dtype, torch.float32)  # the sums stay at least float32
+        d_sum = d_pre.sum(0, dtype=acc)
+        d_b_dec = d_W_enc = d_b_enc = None
+        if ctx.needs_input_grad[1]:
+            d_b_dec = -(d_sum @ W_enc.to(acc).T).to(W_enc.dtype)
+        if ctx.needs_input_grad[2]:
+            with torch.autocast(xc.device.type, dtype=ctx.autocast or torch.bfloat16,
+                                enabled=ctx.autocast is not None):
+                d_W_enc = (xc.T @ d_pre).to(W_enc.dtype)
+        if ctx.needs_input_grad[3]:
+            d_b_enc = d_sum.to(W_enc.dtype)
+        return None, d_b_dec, d_W_enc, d_b_enc
+
+
 def topk_relu(hidden_pre: torch.Tensor, k: int) -> torch.Tensor:
     """ReLU(TopK_k(hidden_pre)): keep the k largest pre-activations per row, zero the rest."""
     if k >= hidden_pre.shape[-1]:
@@ -193,7 +233,17 @@ class PaperTrainingSAE(TrainingSAE[PaperTrainingSAEConfig]):
         return {}
 
     def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
-        return self.hook_sae_acts_pre(self.process_sae_in(x) @ self.W_enc + self.b_enc)
+        """W_enc (x - b_dec) + b_enc; in training, b_dec's gradient through the encoder comes from
+        the batch sum of the pre-activation gradient (`CenteredEncode`: one GEMM fewer a step).
+        That path gives x, and anything a hook on the SAE input did to it, no gradient, so it is
+        taken only when x needs none."""
+        sae_in = self.process_sae_in(x)  # x - b_dec, after sae-lens's input hooks and normalisation
+        if (torch.is_grad_enabled() and self.cfg.apply_b_dec_to_input and not x.requires_grad
+                and sae_in.requires_grad):
+            pre = CenteredEncode.apply(sae_in.detach(), self.b_dec, self.W_enc, self.b_enc)
+        else:
+            pre = sae_in @ self.W_enc + self.b_enc
+        return self.hook_sae_acts_pre(pre)
 
     @override
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_kernels
-from .base import reconstruction_loss, soft_cap
+from .base import autocast_dtype, reconstruction_loss, soft_cap
 
 
 @dataclass
@@ -173,15 +173,9 @@ DENSE_DECODE_FRACTION: dict[tuple[str, bool], float] = {
 
 
 def dense_decode_fraction(device_type: str) -> float:
-    autocast = _autocast_state(device_type) is not None
+    autocast = autocast_dtype(device_type) is not None
     key = (device_type, autocast) if (device_type, autocast) in DENSE_DECODE_FRACTION else ("cuda", autocast)
     return DENSE_DECODE_FRACTION[key]
-
-
-def _autocast_state(device_type: str) -> torch.dtype | None:
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
 
 
 class DenseSegmentDecode(torch.autograd.Function):
@@ -195,7 +189,7 @@ class DenseSegmentDecode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, c, idx, W):  # type: ignore[override]
-        ctx.autocast = _autocast_state(W.device.type)
+        ctx.autocast = autocast_dtype(W.device.type)
         ctx.save_for_backward(c, idx, W)
         S = c.new_zeros(c.shape[0], W.shape[0]).scatter_(1, idx, c)
         return S @ W
@@ -240,7 +234,7 @@ class GatheredSegments(torch.autograd.Function):
     def forward(ctx, z, W, idx, bounds, with_full):  # type: ignore[override]
         B, w = idx.shape
         dev = z.device
-        ctx.autocast = _autocast_state(dev.type)
+        ctx.autocast = autocast_dtype(dev.type)
         ctx.bounds, ctx.with_full = bounds, with_full
         flat = idx.reshape(-1).to(torch.int32)  # int32 indices: half the traffic, faster sorts
         ctx.save_for_backward(z, W, flat)
