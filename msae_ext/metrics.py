@@ -28,7 +28,7 @@ def l0_sparsity(z: torch.Tensor) -> float:
 
 def l0_active(z: torch.Tensor) -> float:
     """Mean number of non-zero entries per row."""
-    return float((z != 0).to(torch.float64).sum(dim=-1).mean())
+    return float((z != 0).sum(dim=-1, dtype=torch.int32).to(torch.float64).mean())
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:

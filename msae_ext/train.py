@@ -127,12 +127,12 @@ class PaperTrainer(SAETrainer):
             else:
                 out = sae.training_forward_pass(step_input=step_input)
         with torch.no_grad():
-            fired = out.feature_acts > 0
-            fired_count = fired.sum(0).to(self.act_freq_scores.dtype)
-            did_fire = fired.any(dim=0)
+            # an int32 count: a bool sum's default int64 result makes a (batch, d_sae) int64 copy
+            fired_count = (out.feature_acts > 0).sum(0, dtype=torch.int32)
             if self.world > 1:  # firing statistics of the global batch
                 all_reduce_(fired_count, "sum")
-                did_fire = all_reduce_(did_fire.to(torch.int32), "max").bool()
+            did_fire = fired_count > 0
+            fired_count = fired_count.to(self.act_freq_scores.dtype)
             self.last_did_fire = did_fire
             self.n_forward_passes_since_fired += 1
             self.n_forward_passes_since_fired[did_fire] = 0

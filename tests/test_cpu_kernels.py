@@ -82,7 +82,8 @@ def test_gathered_segments_with_and_without_kernels_agree(kernels, monkeypatch):
 def test_select_matches_the_stable_ranking(kernels, monkeypatch):
     """Rank segments from the compiled select and from the PyTorch path (top-k, exact int64 keys
     for rows with ties at a boundary) hold the features of a stable descending sort's ranks:
-    ties (duplicated values, +-0), rows with fewer positives than K, NaN and infinities."""
+    ties (duplicated values, +-0) inside and across the select's value buckets, rows with fewer
+    positives than K, NaN, infinities, subnormal and huge values."""
     g = torch.Generator().manual_seed(0)
     pre = torch.randn(40, 300, generator=g).round(decimals=1)  # many exact ties
     pre[:, 150:] = pre[:, :150]
@@ -92,6 +93,9 @@ def test_select_matches_the_stable_ranking(kernels, monkeypatch):
     pre[2, 3], pre[2, 9], pre[2, 11] = float("nan"), float("inf"), float("-inf")
     pre[3] = -pre[3].abs()
     pre[3, :4] = 1.0  # four positives, fewer than K
+    pre[4, 7] = float("inf")  # the largest value, in a row without NaN (the bucketed select)
+    pre[5, :4] = torch.tensor([1e-40, 3e38, 1e-30, 3e38])  # a subnormal and huge values: wide buckets
+    pre[6] = pre[6].abs() + 1.0  # all positive, every value of the row in a few buckets
     bounds = [0, 1, 7, 30, 64]
 
     def canonical(idx):  # segments as sets: each sorted

@@ -67,7 +67,8 @@ class NestedSelection:
 @torch.no_grad()
 def nested_selection(hidden_pre: torch.Tensor, k_list: list[int]) -> NestedSelection:
     d_sae = hidden_pre.shape[-1]
-    n_pos = int((hidden_pre > 0).sum(dim=-1).max()) if hidden_pre.numel() else 0
+    # int32 counts: a bool sum's default int64 result is a (B, d_sae) int64 copy, slower than the select
+    n_pos = int((hidden_pre > 0).sum(dim=-1, dtype=torch.int32).max()) if hidden_pre.numel() else 0
     partial = [k for k in k_list if k < min(n_pos, d_sae)]
     if not partial:
         empty = torch.empty(hidden_pre.shape[0], 0, dtype=torch.int32, device=hidden_pre.device)
