@@ -41,9 +41,11 @@ def _dense_segments(z, W, idx, bounds):
     return torch.stack([(z * m) @ W for m in masks], dim=1)
 
 
-# d = 77: two whole 32-column chunks and a partial one; an empty segment; one segment only
-@pytest.mark.parametrize("shape", [(9, 50, 77, [0, 3, 3, 8, 20]), (5, 40, 64, [0, 40]), (3, 16, 5, [0, 1, 2, 4])],
-                         ids=["tail_chunk", "one_full_segment", "narrow"])
+# d = 77: two whole 32-column chunks and a partial one; an empty segment; one segment only;
+# 1100 rows: two whole blocks of 512 rows and a partial one
+@pytest.mark.parametrize("shape", [(9, 50, 77, [0, 3, 3, 8, 20]), (5, 40, 64, [0, 40]), (3, 16, 5, [0, 1, 2, 4]),
+                                   (1100, 40, 40, [0, 2, 9])],
+                         ids=["tail_chunk", "one_full_segment", "narrow", "row_blocks"])
 def test_segment_kernels_match_dense_math(kernels, shape):
     B, D, d, bounds = shape
     z, W, idx = _case(B, D, d, bounds, seed=d)

@@ -12,9 +12,10 @@
 // 768 KiB for D = 6144, within a core's L2), so a gathered row costs one L2 read instead of one
 // trip to L3 or memory; the accumulators of one (row, segment) stay in registers. The forward and
 // dW passes split the chunks between threads (disjoint output columns, no races); the dz pass
-// takes one chunk at a time and splits the rows. An entry whose activation is zero (past its
-// row's positives) is skipped by the dW pass; dz is computed for every entry (the ReLU that made
-// the zero stops it).
+// takes one chunk at a time and splits the rows. All three go through the rows in blocks of ROWS,
+// so that the indices and activations read once per chunk stay in L3 at any batch size. An entry
+// whose activation is zero (past its row's positives) is skipped by the dW pass; dz is computed
+// for every entry (the ReLU that made the zero stops it).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -31,6 +32,8 @@
 namespace {
 
 constexpr int64_t CH = 32;        // decoder columns per chunk
+constexpr int64_t ROWS = 512;     // rows per block: a block's indices and activations (ROWS * K * 8 bytes,
+                                  // 8 MiB at K = 2048) are read once per chunk and stay in L3
 
 struct Shape {
   int64_t B, D, d, K, S;
@@ -198,13 +201,13 @@ torch::Tensor segments_forward(const torch::Tensor& z, const torch::Tensor& W, c
   const auto c = gather_activations(z.data_ptr<float>(), ip, n);
   const float* Wp = W.data_ptr<float>();
   float* Yp = Y.data_ptr<float>();
-  at::parallel_for(0, n_chunks(n.d), 1, [&](int64_t t0, int64_t t1) {
+  for (int64_t r0 = 0; r0 < n.B; r0 += ROWS) at::parallel_for(0, n_chunks(n.d), 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> chunk(n.D * CH);
     const float* Pt = chunk.data();
     for (int64_t t = t0; t < t1; ++t) {  // threads take disjoint column chunks of Y
       const int64_t lo = t * CH, w = std::min(CH, n.d - lo);
       pack_chunk(Wp, n.D, n.d, t, 0, n.D, chunk.data());
-      for (int64_t b = 0; b < n.B; ++b) {
+      for (int64_t b = r0; b < std::min(n.B, r0 + ROWS); ++b) {
         for (int64_t s = 0; s < n.S; ++s) {
           alignas(32) float out[CH];
           sum_chunk(Pt, c.data() + b * n.K, ip + b * n.K, bounds[s], bounds[s + 1], out);
@@ -232,12 +235,12 @@ void segments_backward(const torch::Tensor& z, const torch::Tensor& W, const tor
                 "nested_segments: dW must be a contiguous float32 tensor shaped like W");
     const auto c = gather_activations(z.data_ptr<float>(), ip, n);
     float* g = dW->data_ptr<float>();
-    at::parallel_for(0, chunks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t r0 = 0; r0 < n.B; r0 += ROWS) at::parallel_for(0, chunks, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> G(n.D * CH);  // one chunk of dW's segment terms, packed like the decoder
       for (int64_t t = t0; t < t1; ++t) {  // threads take disjoint column chunks of dW
         const int64_t lo = t * CH, w = std::min(CH, n.d - lo);
         std::fill(G.begin(), G.end(), 0.f);
-        for (int64_t b = 0; b < n.B; ++b) {
+        for (int64_t b = r0; b < std::min(n.B, r0 + ROWS); ++b) {
           for (int64_t s = 0; s < n.S; ++s) {
             alignas(32) float h[CH];
             load_chunk(h, Hp + (b * n.S + s) * n.d + lo, w);
@@ -254,29 +257,33 @@ void segments_backward(const torch::Tensor& z, const torch::Tensor& W, const tor
                 "nested_segments: dz must be a contiguous float32 tensor shaped like z");
     float* g = dz->data_ptr<float>();
     const float* Wp = W.data_ptr<float>();
-    std::vector<float> Pt(n.D * CH);       // the current chunk, packed
-    std::vector<float> E(n.B * n.K, 0.f);  // per-entry dot products, summed over the chunks
-    for (int64_t t = 0; t < chunks; ++t) {  // chunk by chunk: each stays in L2 for all the rows
-      const int64_t lo = t * CH, w = std::min(CH, n.d - lo);
-      at::parallel_for(0, n.D, 256, [&](int64_t f0, int64_t f1) { pack_chunk(Wp, n.D, n.d, t, f0, f1, Pt.data()); });
-      at::parallel_for(0, n.B, 16, [&](int64_t b0, int64_t b1) {  // threads take disjoint rows
-        for (int64_t b = b0; b < b1; ++b) {
-          for (int64_t s = 0; s < n.S; ++s) {
-            alignas(32) float h[CH];
-            load_chunk(h, Hp + (b * n.S + s) * n.d + lo, w);
-            dots_chunk(Pt.data(), ip + b * n.K, bounds[s], bounds[s + 1], h, E.data() + b * n.K);
+    std::vector<float> Pt(n.D * CH);                    // the current chunk, packed
+    std::vector<float> E(std::min(n.B, ROWS) * n.K);  // a block's per-entry dot products, over the chunks
+    for (int64_t r0 = 0; r0 < n.B; r0 += ROWS) {
+      const int64_t r1 = std::min(n.B, r0 + ROWS);
+      std::fill(E.begin(), E.end(), 0.f);
+      for (int64_t t = 0; t < chunks; ++t) {  // chunk by chunk: each stays in L2 for all the block's rows
+        const int64_t lo = t * CH, w = std::min(CH, n.d - lo);
+        at::parallel_for(0, n.D, 256, [&](int64_t f0, int64_t f1) { pack_chunk(Wp, n.D, n.d, t, f0, f1, Pt.data()); });
+        at::parallel_for(r0, r1, 16, [&](int64_t b0, int64_t b1) {  // threads take disjoint rows
+          for (int64_t b = b0; b < b1; ++b) {
+            for (int64_t s = 0; s < n.S; ++s) {
+              alignas(32) float h[CH];
+              load_chunk(h, Hp + (b * n.S + s) * n.d + lo, w);
+              dots_chunk(Pt.data(), ip + b * n.K, bounds[s], bounds[s + 1], h, E.data() + (b - r0) * n.K);
+            }
           }
+        });
+      }
+      at::parallel_for(r0, r1, 16, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {  // indices are unique within a row: no collisions
+          const int32_t* ib = ip + b * n.K;
+          const float* eb = E.data() + (b - r0) * n.K;
+          float* gb = g + b * n.D;
+          for (int64_t j = 0; j < n.K; ++j) gb[ib[j]] += eb[j];
         }
       });
     }
-    at::parallel_for(0, n.B, 16, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {  // indices are unique within a row: no collisions
-        const int32_t* ib = ip + b * n.K;
-        const float* eb = E.data() + b * n.K;
-        float* gb = g + b * n.D;
-        for (int64_t j = 0; j < n.K; ++j) gb[ib[j]] += eb[j];
-      }
-    });
   }
 }
 
