@@ -297,6 +297,12 @@ inline uint64_t rank_key(uint32_t u, int64_t f) {
 
 inline int64_t key_feature(uint64_t key) { return static_cast<int64_t>(key & 0xffffffffu); }
 
+inline uint32_t float_bits(const float* p) {  // a memcpy, which compiles to a plain load
+  uint32_t u;
+  std::memcpy(&u, p, 4);
+  return u;
+}
+
 constexpr int64_t SELECT_BUCKETS = 2048;
 
 // Rank segments of each row of pre (B, D): idx[b, bounds[s]:bounds[s+1]] holds the features of ranks
@@ -327,17 +333,16 @@ torch::Tensor nested_select(const torch::Tensor& pre, const std::vector<int64_t>
     std::vector<int32_t> feat(D), count(SELECT_BUCKETS), start(SELECT_BUCKETS);
     for (int64_t b = b0; b < b1; ++b) {
       const float* row = pp + b * D;
-      const uint32_t* raw = reinterpret_cast<const uint32_t*>(row);
       int32_t* out = ip + b * K;
       // Every loop over the row is free of data-dependent branches (a branch on the sign would
       // mispredict for half the entries and cost more than the rest of the select).
       uint32_t nan = 0;
-      for (int64_t f = 0; f < D; ++f) nan |= (raw[f] & 0x7fffffffu) > 0x7f800000u;
+      for (int64_t f = 0; f < D; ++f) nan |= (float_bits(row + f) & 0x7fffffffu) > 0x7f800000u;
       int64_t n = 0;  // without NaN, positive as a float is positive as an int32
       for (int64_t f = 0; f < D; ++f) {
-        bits[n] = raw[f];
+        bits[n] = float_bits(row + f);
         feat[n] = static_cast<int32_t>(f);
-        n += static_cast<int32_t>(raw[f]) > 0;
+        n += static_cast<int32_t>(bits[n]) > 0;
       }
       if (!nan && n >= K) {  // bucketed
         uint32_t lo = 0xffffffffu, hi = 0;
@@ -374,17 +379,11 @@ torch::Tensor nested_select(const torch::Tensor& pre, const std::vector<int64_t>
       }
       n = 0;  // candidates: positive or NaN entries (NaN ranks first), or the whole row if too few
       for (int64_t f = 0; f < D; ++f) {
-        uint32_t u;
-        std::memcpy(&u, row + f, 4);
-        key[n] = rank_key(u, f);
+        key[n] = rank_key(float_bits(row + f), f);
         n += !(row[f] <= 0.f);
       }
       if (n < K) {
-        for (int64_t f = 0; f < D; ++f) {
-          uint32_t u;
-          std::memcpy(&u, row + f, 4);
-          key[f] = rank_key(u, f);
-        }
+        for (int64_t f = 0; f < D; ++f) key[f] = rank_key(float_bits(row + f), f);
         n = D;
       }
       if (n > K) std::nth_element(key.begin(), key.begin() + K - 1, key.begin() + n);
