@@ -79,20 +79,24 @@ def test_encoder_gradients_equal_plain_autograd(name):
     loss = sae.training_forward_pass(step_input(x)).loss
     grads = torch.autograd.grad(loss, params)
 
-    plain = sae.hidden_pre
-    sae.hidden_pre = lambda v: (v - sae.b_dec) @ sae.W_enc + sae.b_enc  # autograd's own path
+    centered = sae.hidden_pre
+
+    def autograd_path(v):
+        return (v - sae.b_dec) @ sae.W_enc + sae.b_enc
+
+    sae.hidden_pre = autograd_path
     expected = torch.autograd.grad(sae.training_forward_pass(step_input(x)).loss, params)
     for (pname, _), g, e in zip(sae.named_parameters(), grads, expected):
         torch.testing.assert_close(g, e, msg=lambda m, n=pname: f"{n}: {m}")
     assert grads[[n for n, _ in sae.named_parameters()].index("b_dec")].abs().sum() > 0
 
     # an input that needs a gradient takes autograd's path and gets it
-    sae.hidden_pre = plain
-    xg = x.clone().requires_grad_()
-    dx = torch.autograd.grad(sae.training_forward_pass(step_input(xg)).loss, xg)[0]
-    xg2 = x.clone().requires_grad_()
-    sae.hidden_pre = lambda v: (v - sae.b_dec) @ sae.W_enc + sae.b_enc
-    torch.testing.assert_close(dx, torch.autograd.grad(sae.training_forward_pass(step_input(xg2)).loss, xg2)[0])
+    dx = {}
+    for path in (centered, autograd_path):
+        sae.hidden_pre = path
+        xg = x.clone().requires_grad_()
+        dx[path] = torch.autograd.grad(sae.training_forward_pass(step_input(xg)).loss, xg)[0]
+    torch.testing.assert_close(dx[centered], dx[autograd_path])
 
 
 def test_encoder_gradients_under_autocast():
