@@ -34,10 +34,14 @@ def _case(B, D, d, bounds, seed):
     return z, W, idx
 
 
-def _dense_segments(z, W, idx, bounds):
-    """Y[b, s] = (z masked to segment s) @ W, in float64."""
+def _dense_segments(z, W, idx, bounds, ends=None):
+    """Y[b, s] = (z masked to segment s, columns before ends[b] only) @ W, in float64."""
     z, W = z.double(), W.double()
-    masks = [torch.zeros_like(z).scatter(1, idx[:, lo:hi].long(), 1.0) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    if ends is None:
+        ends = torch.full((z.shape[0],), idx.shape[1])
+    kept = (torch.arange(idx.shape[1])[None, :] < ends[:, None].long()).double()
+    masks = [torch.zeros_like(z).scatter(1, idx[:, lo:hi].long(), kept[:, lo:hi])
+             for lo, hi in zip(bounds[:-1], bounds[1:])]
     return torch.stack([(z * m) @ W for m in masks], dim=1)
 
 
@@ -46,37 +50,52 @@ def _dense_segments(z, W, idx, bounds):
 @pytest.mark.parametrize("shape", [(9, 50, 77, [0, 3, 3, 8, 20]), (5, 40, 64, [0, 40]), (3, 16, 5, [0, 1, 2, 4]),
                                    (1100, 40, 40, [0, 2, 9])],
                          ids=["tail_chunk", "one_full_segment", "narrow", "row_blocks"])
-def test_segment_kernels_match_dense_math(kernels, shape):
+@pytest.mark.parametrize("with_ends", [False, True], ids=["all_columns", "row_ends"])
+def test_segment_kernels_match_dense_math(kernels, shape, with_ends):
+    """With `ends`, each row's columns from ends[b] on are skipped (here they hold activations, so
+    that a kernel reading them would fail); ends run from below 0 to past K (clamped)."""
     B, D, d, bounds = shape
     z, W, idx = _case(B, D, d, bounds, seed=d)
-    got = kernels.segments_forward(z, W, idx, bounds)
-    torch.testing.assert_close(got.double(), _dense_segments(z, W, idx, bounds), rtol=1e-5, atol=1e-5)
+    ends = None
+    if with_ends:
+        ends = torch.randint(-2, bounds[-1] + 3, (B,), generator=torch.Generator().manual_seed(2), dtype=torch.int32)
+    got = kernels.segments_forward(z, W, idx, bounds, ends)
+    torch.testing.assert_close(got.double(), _dense_segments(z, W, idx, bounds, ends), rtol=1e-5, atol=1e-5)
 
     zz, WW = z.double().requires_grad_(), W.double().requires_grad_()
     H = torch.randn(B, len(bounds) - 1, d, generator=torch.Generator().manual_seed(1))
-    want_dz, want_dW = torch.autograd.grad(_dense_segments(zz, WW, idx, bounds), (zz, WW), H.double())
+    want_dz, want_dW = torch.autograd.grad(_dense_segments(zz, WW, idx, bounds, ends), (zz, WW), H.double())
     dz0, dW0 = torch.randn(B, D), torch.randn(D, d)  # the kernels add into what is there
     dz, dW = dz0.clone(), dW0.clone()
-    kernels.segments_backward(z, W, idx, bounds, H, dz, dW)
+    kernels.segments_backward(z, W, idx, bounds, H, dz, dW, ends)
     torch.testing.assert_close((dz - dz0).double(), want_dz, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close((dW - dW0).double(), want_dW, rtol=1e-5, atol=1e-5)
     only_W = dW0.clone()  # either gradient alone
-    kernels.segments_backward(z, W, idx, bounds, H, None, only_W)
+    kernels.segments_backward(z, W, idx, bounds, H, None, only_W, ends)
     torch.testing.assert_close(only_W, dW)
 
 
-def test_gathered_segments_with_and_without_kernels_agree(kernels, monkeypatch):
-    """The autograd function's two CPU paths (kernels, PyTorch): same outputs and gradients."""
+@pytest.mark.parametrize("with_ends", [False, True], ids=["all_columns", "row_ends"])
+def test_gathered_segments_with_and_without_kernels_agree(kernels, monkeypatch, with_ends):
+    """The autograd function's two CPU paths (kernels, PyTorch): same outputs and gradients, also
+    with `ends` where the rows' activations end (the kernels skip the rest, PyTorch adds zeros)."""
     B, D, d, bounds = 33, 300, 72, [0, 4, 8, 16, 40, 41]
     z, W, idx = _case(B, D, d, bounds, seed=3)
+    ends = None
+    if with_ends:  # _case: row 0's activations end half way, row 1 has none
+        ends = torch.full((B,), bounds[-1], dtype=torch.int32)
+        ends[0], ends[1] = bounds[-1] // 2, 0
     results = []
     for setting in ("1", "0"):
         monkeypatch.setenv(cpu_kernels.ENV, setting)
         zz, WW = z.clone().requires_grad_(), W.clone().requires_grad_()
-        full, Y = GatheredSegments.apply(zz, WW, idx, bounds, True)
+        full, Y = GatheredSegments.apply(zz, WW, idx, bounds, True, ends)
         up_full = torch.randn(full.shape, generator=torch.Generator().manual_seed(5))
         up_Y = torch.randn(Y.shape, generator=torch.Generator().manual_seed(6))
-        results.append((full, Y, *torch.autograd.grad((full, Y), (zz, WW), (up_full, up_Y))))
+        dz, dW = torch.autograd.grad((full, Y), (zz, WW), (up_full, up_Y))
+        # past `ends` the kernels leave out the segments' activation gradient: the ReLU that made
+        # those zeros stops it, so only the activations' own gradient is compared
+        results.append((full, Y, dz * (z > 0) if with_ends else dz, dW))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -85,11 +104,12 @@ def test_select_matches_the_stable_ranking(kernels, monkeypatch):
     """Rank segments from the compiled select and from the PyTorch path (top-k, exact int64 keys
     for rows with ties at a boundary) hold the features of a stable descending sort's ranks:
     ties (duplicated values, +-0) inside and across the select's value buckets, rows with fewer
-    positives than K, NaN, infinities, subnormal and huge values."""
+    positives than K, NaN, infinities, subnormal and huge values. A row's positives come first;
+    past them (no activation there) any distinct non-positive features may fill the row."""
     g = torch.Generator().manual_seed(0)
     pre = torch.randn(40, 300, generator=g).round(decimals=1)  # many exact ties
     pre[:, 150:] = pre[:, :150]
-    pre[0, :] = -1.0  # no positive: the whole row is ranked
+    pre[0, :] = -1.0  # no positive: non-positive features only
     pre[1, :5] = 0.0
     pre[1, 5:10] = -0.0
     pre[2, 3], pre[2, 9], pre[2, 11] = float("nan"), float("inf"), float("-inf")
@@ -98,20 +118,31 @@ def test_select_matches_the_stable_ranking(kernels, monkeypatch):
     pre[4, 7] = float("inf")  # the largest value, in a row without NaN (the bucketed select)
     pre[5, :4] = torch.tensor([1e-40, 3e38, 1e-30, 3e38])  # a subnormal and huge values: wide buckets
     pre[6] = pre[6].abs() + 1.0  # all positive, every value of the row in a few buckets
+    pre[7, :] = -pre[7, :].abs()
+    pre[7, 100:140] = 0.5  # 40 tied positives across three boundaries, fewer than K
     bounds = [0, 1, 7, 30, 64]
+    n_pos = (pre > 0).sum(-1)
+    assert int((n_pos < 64).sum()) >= 3  # rows the select pads
+    past = (torch.arange(64)[None, :] >= n_pos[:, None]) & ~pre.isnan().any(-1, keepdim=True)
 
-    def canonical(idx):  # segments as sets: each sorted
-        return torch.cat([idx[:, a:b].long().sort(dim=-1).values for a, b in zip(bounds[:-1], bounds[1:])], 1)
+    def canonical(idx):  # segments as sets (each sorted), the columns past a row's positives blanked
+        idx = idx.long().masked_fill(past, -1)
+        return torch.cat([idx[:, a:b].sort(dim=-1).values for a, b in zip(bounds[:-1], bounds[1:])], 1)
 
-    got = kernels.nested_select(pre, bounds)
+    def check(got):
+        assert got.dtype == torch.int32 and torch.equal(canonical(got), canonical(want))
+        for b in range(pre.shape[0]):  # the padding: distinct, non-positive, none of the row's positives
+            pad = got[b][past[b]].long()
+            assert pad.unique().numel() == pad.numel() and bool((pre[b, pad] <= 0).all()), b
+
     want = pre.sort(dim=-1, descending=True, stable=True).indices[:, :64]
-    assert got.dtype == torch.int32 and torch.equal(canonical(got), canonical(want))
+    check(kernels.nested_select(pre, bounds))
     monkeypatch.setenv(cpu_kernels.ENV, "0")
-    fallback = rank_segments(pre, bounds)  # ties at boundaries: exact keys
-    assert fallback.dtype == torch.int32 and torch.equal(canonical(fallback), canonical(want))
+    check(rank_segments(pre, bounds))  # ties at boundaries: exact keys
     distinct = torch.randn(30, 300, generator=g)  # no ties: the plain top-k
     distinct[:3, :40] = 2.0  # three rows whose ties straddle boundaries, among rows without
     want = distinct.sort(dim=-1, descending=True, stable=True).indices[:, :64]
+    past = torch.zeros_like(want, dtype=torch.bool)
     assert torch.equal(canonical(rank_segments(distinct, bounds)), canonical(want))
     assert torch.equal(canonical(kernels.nested_select(distinct, bounds)), canonical(want))
 
@@ -130,6 +161,10 @@ def test_kernels_name_bad_input(kernels):
         kernels.segments_backward(z, W, idx, [0, 5], torch.zeros(4, 2, 8), None, None)
     with pytest.raises(RuntimeError, match="bounds must increase"):
         kernels.nested_select(z, [0, 2, 2])
+    with pytest.raises(RuntimeError, match="ends must be a contiguous int32 CPU tensor with one entry per row"):
+        kernels.segments_forward(z, W, idx, [0, 5], torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="ends must be"):
+        kernels.segments_backward(z, W, idx, [0, 5], torch.zeros(4, 1, 8), None, None, torch.zeros(4))
 
 
 def test_a_failed_build_warns_and_falls_back(monkeypatch):

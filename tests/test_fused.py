@@ -33,6 +33,14 @@ def decode_mode(request, monkeypatch):
     return mode
 
 
+@pytest.fixture(params=["never", "always"])
+def tail(request, monkeypatch):
+    """The largest partial level from its own rank segment ("never"), or as the full level minus
+    its tail wherever that applies ("always"; the default "auto" picks one of the two)."""
+    monkeypatch.setattr(nested_topk, "TAIL_MODE", request.param)
+    return request.param
+
+
 def _pair(d_in, d_sae, seed, **cfg):
     """Two identical SAEs, one per implementation."""
     saes = []
@@ -83,7 +91,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("seed", [0, 1])
-def test_fused_matches_reference(case, seed, decode_mode):
+def test_fused_matches_reference(case, seed, decode_mode, tail):
     fused, ref = _pair(24, 128, seed, **CASES[case])
     torch.manual_seed(100 + seed)
     with torch.no_grad():  # trained-like encoder, not W_dec^T, so that levels differ
@@ -91,13 +99,17 @@ def test_fused_matches_reference(case, seed, decode_mode):
             sae.b_enc.normal_(0, 0.3, generator=torch.Generator().manual_seed(seed))
             sae.b_dec.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed + 7))
     x = torch.randn(96, 24, generator=torch.Generator().manual_seed(seed + 3))
-    partial = nested_selection(fused.hidden_pre(x), fused.cfg.k_list).partial
+    sel = nested_selection(fused.hidden_pre(x), fused.cfg.k_list, tail_if_narrower_than=float("inf"))
     if fused.cfg.k_list[0] < 128:
-        assert partial and partial[0] == fused.cfg.k_list[0]  # the sorted path is exercised
+        assert sel.partial and sel.partial[0] == fused.cfg.k_list[0]  # the sorted path is exercised
+    # the tail is taken wherever it applies: some level is the full one, the top segment gathered
+    applies = len(sel.partial) < len(fused.cfg.k_list) and decode_mode == "gather"
+    if tail == "always" and sel.partial and applies:
+        assert sel.tail_end > sel.partial[-1]
     _check_same(fused, ref, x)
 
 
-def test_ties_in_pre_activations(decode_mode):
+def test_ties_in_pre_activations(decode_mode, tail):
     """Duplicated encoder columns give exactly tied pre-activations with different decoder rows."""
     fused, ref = _pair(16, 64, 0, k_list=[2, 5, 8, 20, 64])
     with torch.no_grad():
@@ -110,7 +122,7 @@ def test_ties_in_pre_activations(decode_mode):
     _check_same(fused, ref, x)
 
 
-def test_fewer_positive_pre_activations_than_k(decode_mode):
+def test_fewer_positive_pre_activations_than_k(decode_mode, tail):
     """Rows with fewer positives than the smallest k, and rows with none at all."""
     fused, ref = _pair(16, 64, 2, k_list=[8, 16, 32, 64])
     x = torch.randn(80, 16, generator=torch.Generator().manual_seed(2))
@@ -151,7 +163,7 @@ def test_gathered_segments_match_autograd_of_dense_math(dense_dc, with_full, mon
     W = torch.randn(D, d, dtype=torch.float64, requires_grad=True)
 
     def fused(z, W):
-        full, Y = GatheredSegments.apply(z, W, idx, bounds, with_full)
+        full, Y = GatheredSegments.apply(z, W, idx, bounds, with_full, None)
         return (full, Y) if with_full else Y
 
     assert torch.autograd.gradcheck(fused, (z, W))

@@ -12,8 +12,12 @@ GEMMs) per level. It is the oracle of the tests.
   * The remaining levels are rank segments of one sort: segment s holds ranks [k_{s-1}, k_s), so
     the work is B * K entries for K = the largest partial level, not B * sum(k). Entries past a
     row's positives stay in place with a zero activation: they add nothing, the ReLU stops their
-    gradient, and every row keeps the same layout, so no masks or per-row counts are built (the
-    cost: rows with fewer than K positives still pay for K entries).
+    gradient, and every row keeps the same layout, so no masks are built; a row's positives come
+    first, so the compiled kernels skip the rest from one count per row (`ends`).
+  * At a trained-like density a row has a few more positives than K, so the largest partial
+    level is cheaper as the full level minus its tail (ranks K to the row's last positive) than
+    as the level below plus its widest segment: `nested_selection` takes the tail when it holds
+    fewer entries (not at initialisation, where half the latents are active).
   * `GatheredSegments` decodes a run of consecutive segments with one `embedding_bag` (one bag per
     row and segment); each level's reconstruction is the previous one plus its segment, so
     autograd hands each segment the suffix sum of the level gradients. The same function does the
@@ -52,35 +56,72 @@ class NestedSelection:
     """One ranking shared by the partial levels.
 
     partial: levels (k values) computed from the ranking, increasing.
-    indices: (B, K) int32, K = max(partial) (empty when none): row b's features of ranks
-        [k_{s-1}, k_s) in columns [k_{s-1}, k_s), in no particular order within such a segment
-        (the sums over a segment do not depend on it). Ranks are by pre-activation, descending,
-        and between equal pre-activations by feature, ascending: the ranks of a stable
-        descending sort, so every path and device selects the same segments.
+    indices: (B, max(K, tail_end)) int32, K = max(partial) (empty when none): row b's features of
+        ranks [k_{s-1}, k_s) in columns [k_{s-1}, k_s), in no particular order within such a
+        segment (the sums over a segment do not depend on it). Ranks are by pre-activation,
+        descending, and between equal pre-activations by feature, ascending: the ranks of a stable
+        descending sort, so every path and device selects the same segments. In a row without NaN
+        with n positive pre-activations, columns [0, n) hold exactly those.
+    n_pos: (B,) int32, each row's number of positive pre-activations.
+    tail_end: 0, or the batch's largest n_pos when the ranking also holds the tail of the largest
+        partial level, ranks [K, tail_end) in columns [K, tail_end) (rows with fewer positives
+        pad it with non-positive features), so that level K can be computed as the full level
+        minus its tail (`nested_selection`).
     Levels of the k-list not in `partial` equal the full ReLU level exactly.
     """
 
     partial: list[int]
     indices: torch.Tensor
+    n_pos: torch.Tensor
+    tail_end: int = 0
+
+
+#: whether the largest partial level is computed as the full level minus its tail: "auto" when that
+#: gathers fewer entries than its own rank segment does (`nested_selection`), "always" where it
+#: applies, "never". Tests and benchmarks set it; training uses "auto".
+TAIL_MODE: Literal["auto", "always", "never"] = "auto"
 
 
 @torch.no_grad()
-def nested_selection(hidden_pre: torch.Tensor, k_list: list[int]) -> NestedSelection:
+def nested_selection(hidden_pre: torch.Tensor, k_list: list[int], tail_if_narrower_than: float = 0.0
+                     ) -> NestedSelection:
+    """The shared ranking of the partial levels (`NestedSelection`).
+
+    With `tail_if_narrower_than` > 0, the ranking may also hold the tail of the largest partial
+    level K (ranks K to each row's last positive), so that level K = full level - its tail. That
+    applies when some level equals the full level (its decode exists anyway) and the largest
+    partial level's own rank segment [k_prev, K) is narrower than `tail_if_narrower_than`; under
+    TAIL_MODE "auto" it is taken when the rows' tails hold at least a tenth fewer positive
+    entries than that segment does, counted per row as the kernels' `ends` do (at a trained-like
+    density, where a row has a few more positives than K, the tail is a fraction of the segment;
+    at initialisation, with half the latents active, it is about as wide). The tenth pays for the
+    longer select (ranks up to the batch's largest count) and the copy of the index columns.
+    """
     d_sae = hidden_pre.shape[-1]
     # int32 counts: a bool sum's default int64 result is a (B, d_sae) int64 copy, slower than the select
-    n_pos = int((hidden_pre > 0).sum(dim=-1, dtype=torch.int32).max()) if hidden_pre.numel() else 0
-    partial = [k for k in k_list if k < min(n_pos, d_sae)]
+    n_pos = (hidden_pre > 0).sum(dim=-1, dtype=torch.int32)
+    n_max = int(n_pos.max()) if hidden_pre.numel() else 0
+    partial = [k for k in k_list if k < min(n_max, d_sae)]
     if not partial:
         empty = torch.empty(hidden_pre.shape[0], 0, dtype=torch.int32, device=hidden_pre.device)
-        return NestedSelection(partial, empty)
-    return NestedSelection(partial, rank_segments(hidden_pre, [0, *partial]))
+        return NestedSelection(partial, empty, n_pos)
+    bounds = [0, *partial]
+    top, below = partial[-1], (partial[-2] if len(partial) > 1 else 0)
+    if TAIL_MODE != "never" and len(partial) < len(k_list) and top - below < tail_if_narrower_than:
+        tail_entries = int((n_pos - top).clamp_min(0).sum(dtype=torch.int64))  # positive entries only:
+        segment_entries = int((n_pos - below).clamp(0, top - below).sum(dtype=torch.int64))  # kernels' `ends`
+        if TAIL_MODE == "always" or tail_entries < 0.9 * segment_entries:  # a margin for the longer select
+            bounds.append(n_max)
+    tail_end = bounds[-1] if len(bounds) > len(partial) + 1 else 0
+    return NestedSelection(partial, rank_segments(hidden_pre, bounds), n_pos, tail_end)
 
 
 def rank_segments(pre: torch.Tensor, bounds: list[int]) -> torch.Tensor:
     """(B, bounds[-1]) int32: each row's features of ranks [bounds[s], bounds[s+1]) in columns
-    [bounds[s], bounds[s+1]) (`NestedSelection`). On CPU in float32 the compiled select (no sort,
-    O(D + K) a row) does it; elsewhere one top-k, with the rows where equal values straddle a
-    segment boundary (or NaN appears) ranked again by exact keys."""
+    [bounds[s], bounds[s+1]), a row's positive entries first (`NestedSelection`). On CPU in
+    float32 the compiled select (no sort, O(D + K) a row) does it; elsewhere one sorted top-k, with
+    the rows where equal values straddle a segment boundary (or NaN appears) ranked again by exact
+    keys."""
     kernels = _kernels_for(pre, pre)
     if kernels is not None:
         return kernels.nested_select(pre, list(bounds))
@@ -218,6 +259,9 @@ class GatheredSegments(torch.autograd.Function):
     idx is (B, w) with the segments as column ranges `bounds` = [0, w_1, ..., w]: every row is one
     bag per segment, so the layout needs no offsets or masks of its own. Entries past a row's
     positives have z = 0: they add nothing, and their gradient is stopped by the ReLU that made z.
+    `ends` (B,) int32, optional: row b's entries from column ends[b] on are all such entries; the
+    compiled kernels skip them, leaving their activation gradient without the segments' terms
+    (the PyTorch path computes those, which that ReLU stops).
 
     forward: the GEMM (following the caller's autocast) and one float32 embedding_bag over the
     decoder rows (bags = (row, segment)). Only z, W and int32 indices are kept for backward.
@@ -232,17 +276,17 @@ class GatheredSegments(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, W, idx, bounds, with_full):  # type: ignore[override]
+    def forward(ctx, z, W, idx, bounds, with_full, ends):  # type: ignore[override]
         B, w = idx.shape
         dev = z.device
         ctx.autocast = autocast_dtype(dev.type)
         ctx.bounds, ctx.with_full = bounds, with_full
         flat = idx.reshape(-1).to(torch.int32)  # int32 indices: half the traffic, faster sorts
-        ctx.save_for_backward(z, W, flat)
+        ctx.save_for_backward(z, W, flat, ends)
         with torch.autocast(dev.type, enabled=False):
             kernels = _kernels_for(z, W)
             if kernels is not None:
-                Y = kernels.segments_forward(z, W, flat.view(B, w), list(bounds))
+                Y = kernels.segments_forward(z, W, flat.view(B, w), list(bounds), ends)
             else:  # one bag per (row, segment)
                 starts = torch.tensor(bounds[:-1], dtype=torch.int32, device=dev)
                 offsets = (torch.arange(B, dtype=torch.int32, device=dev)[:, None] * w + starts).reshape(-1)
@@ -253,7 +297,7 @@ class GatheredSegments(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_full, dY):  # type: ignore[override]
-        z, W, flat = ctx.saved_tensors
+        z, W, flat, ends = ctx.saved_tensors
         idx = flat.view(z.shape[0], -1)
         dz = dW = None
         want_z, want_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -263,13 +307,13 @@ class GatheredSegments(torch.autograd.Function):
                 dz = (d_full @ W.T).to(z.dtype) if want_z else None
                 dW = (z.T @ d_full).to(W.dtype) if want_W else None
         if dY is None:
-            return dz, dW, None, None, None
+            return dz, dW, None, None, None, None
         with torch.autocast(z.device.type, enabled=False):  # the segments stay float32
-            dz, dW = GatheredSegments._segment_grads(ctx, z, W, idx, dY, dz, dW)
-        return dz, dW, None, None, None
+            dz, dW = GatheredSegments._segment_grads(ctx, z, W, idx, dY, dz, dW, ends)
+        return dz, dW, None, None, None, None
 
     @staticmethod
-    def _segment_grads(ctx, z, W, idx, dY, dz, dW):
+    def _segment_grads(ctx, z, W, idx, dY, dz, dW, ends):
         """Add the segments' terms to dz and dW in place (each created as zeros when absent)."""
         B, D = z.shape
         want_z, want_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -279,7 +323,7 @@ class GatheredSegments(torch.autograd.Function):
         bounds = ctx.bounds
         kernels = _kernels_for(z, W)
         if kernels is not None:
-            kernels.segments_backward(z, W, idx, list(bounds), dY, dz, dW)
+            kernels.segments_backward(z, W, idx, list(bounds), dY, dz, dW, ends)
             return dz, dW
         narrow = []  # (segment, first column, end column) of the segments taken feature-major
         for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -320,6 +364,23 @@ class GatheredSegments(torch.autograd.Function):
                 a, b = starts[f], starts[min(f + _FEATURE_BLOCK, D)]
                 dW[fs].add_(F.embedding_bag(bag[a:b], H, offsets[fs] - a, mode="sum", per_sample_weights=c[a:b]))
         return dz, dW
+
+
+def _columns(indices: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    """The column ranges of `indices`, side by side (a view when they are adjacent)."""
+    if all(a1 == b0 for (_, b0), (a1, _) in zip(ranges[:-1], ranges[1:])):
+        return indices[:, ranges[0][0]:ranges[-1][1]]
+    return torch.cat([indices[:, a:b] for a, b in ranges], dim=1)
+
+
+def _run_ends(n_pos: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    """(B,) int32: where each row's positive entries end in `_columns(indices, ranges)`. A row's
+    positives are its first n_pos columns of the ranking, so within ranges taken in increasing
+    order they are a prefix too: min(n_pos, b) - a of range [a, b), where positive."""
+    ends = torch.zeros_like(n_pos)
+    for a, b in ranges:
+        ends += (n_pos - a).clamp(0, b - a)
+    return ends
 
 
 def _kernels_for(z: torch.Tensor, W: torch.Tensor):
@@ -364,15 +425,21 @@ def nested_topk_loss_fused(
     if hidden_pre.dtype in (torch.float16, torch.bfloat16):
         hidden_pre = hidden_pre.float()
     x = x.to(hidden_pre.dtype)
-    sel = nested_selection(hidden_pre, k_list)
+    dense_from = dense_decode_fraction(hidden_pre.device.type) * W_dec.shape[0]
+    # the tail only where the full level's decode is float32 (level K inherits its rounding)
+    tail_below = dense_from if autocast_dtype(hidden_pre.device.type) is None else 0.0
+    sel = nested_selection(hidden_pre, k_list, tail_if_narrower_than=tail_below)
     z = soft_cap(hidden_pre.relu(), cap)
     need_full = any(k not in sel.partial for k in k_list)
     full_out = None
     partial_out: dict[int, torch.Tensor] = {}
     if sel.partial:
-        dense_from = dense_decode_fraction(z.device.type) * W_dec.shape[0]
+        # column ranges of the ranking, one per piece: the rank segments, the last one replaced by
+        # the tail when level K is the full level minus its tail
         segments = list(zip([0, *sel.partial[:-1]], sel.partial))
-        pieces: list[torch.Tensor] = []  # each rank segment's decode, in order
+        if sel.tail_end:
+            segments[-1] = (sel.partial[-1], sel.tail_end)
+        pieces: list[torch.Tensor] = []  # each range's decode, in order
         j = 0
         while j < len(segments):
             lo, k = segments[j]
@@ -382,21 +449,26 @@ def nested_topk_loss_fused(
                 pieces.append(DenseSegmentDecode.apply(c, idx, W_dec.to(c.dtype)))
                 j += 1
                 continue
-            end = j  # the run of consecutive gathered segments starting at j
+            end = j  # the run of consecutive gathered ranges starting at j
             while end < len(segments) and segments[end][1] - segments[end][0] < dense_from:
                 end += 1
-            hi = segments[end - 1][1]
-            bounds = [a - lo for a, _ in segments[j:end]] + [hi - lo]
+            run = segments[j:end]
+            widths = [b - a for a, b in run]
+            bounds = [sum(widths[:i]) for i in range(len(run) + 1)]
             with_full = need_full and full_out is None  # the first run also does the full GEMM
-            full, Y = GatheredSegments.apply(z, W_dec, sel.indices[:, lo:hi], bounds, with_full)
+            full, Y = GatheredSegments.apply(z, W_dec, _columns(sel.indices, run), bounds, with_full,
+                                             _run_ends(sel.n_pos, run))
             if with_full:
                 full_out = full + b_dec
             pieces.extend(Y.unbind(1))
             j = end
         recon = b_dec.to(z.dtype)
-        for k, piece in zip(sel.partial, pieces):  # level k = level before + its rank segment
+        prefix_levels = sel.partial[:-1] if sel.tail_end else sel.partial
+        for k, piece in zip(prefix_levels, pieces):  # level k = level before + its rank segment
             recon = recon + piece
             partial_out[k] = recon
+        if sel.tail_end:  # level K = the full level - its tail
+            partial_out[sel.partial[-1]] = full_out - pieces[-1]
     if need_full and full_out is None:
         full_out = (z @ W_dec + b_dec).to(z.dtype)
 

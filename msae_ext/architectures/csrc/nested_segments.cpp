@@ -2,7 +2,8 @@
 //
 // Shapes: z (B, D) activations, W (D, d) decoder, idx (B, K) int32 feature of each entry, with
 // the rank segments as column ranges bounds = [0, k_1, ..., K], H (B, S, d) the segments'
-// upstream gradients, S = len(bounds) - 1.
+// upstream gradients, S = len(bounds) - 1, ends (B,) int32 or None: row b's entries at columns
+// >= ends[b] hold no activation (past the row's positives) and are skipped by all three passes.
 //
 //   forward:   Y[b, s]      = sum_{j in s} z[b, idx[b, j]] W[idx[b, j]]
 //   backward:  dz[b, f]    += W[f] . H[b, s]            for f = idx[b, j], j in s
@@ -13,9 +14,9 @@
 // trip to L3 or memory; the accumulators of one (row, segment) stay in registers. The forward and
 // dW passes split the chunks between threads (disjoint output columns, no races); the dz pass
 // takes one chunk at a time and splits the rows. All three go through the rows in blocks of ROWS,
-// so that the indices and activations read once per chunk stay in L3 at any batch size. An entry
-// whose activation is zero (past its row's positives) is skipped by the dW pass; dz is computed
-// for every entry (the ReLU that made the zero stops it).
+// so that the indices and activations read once per chunk stay in L3 at any batch size. Besides
+// the columns past `ends`, an entry whose activation is zero is skipped by the dW pass; dz is
+// computed for every other entry (the ReLU that made a zero stops it).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -59,6 +60,22 @@ Shape check(const torch::Tensor& z, const torch::Tensor& W, const torch::Tensor&
   return {z.size(0), z.size(1), W.size(1), idx.size(1), static_cast<int64_t>(bounds.size()) - 1};
 }
 
+// ends[b], clamped to [0, K]: a row's entries at columns >= ends[b] are skipped (all K without ends)
+std::vector<int64_t> row_ends(const c10::optional<torch::Tensor>& ends, const Shape& n) {
+  std::vector<int64_t> e(n.B, n.K);
+  if (!ends.has_value() || !ends->defined()) return e;
+  TORCH_CHECK(ends->device().is_cpu() && ends->scalar_type() == torch::kInt && ends->dim() == 1 &&
+                  ends->size(0) == n.B && ends->is_contiguous(),
+              "nested_segments: ends must be a contiguous int32 CPU tensor with one entry per row");
+  const int32_t* p = ends->data_ptr<int32_t>();
+  for (int64_t b = 0; b < n.B; ++b) e[b] = std::min<int64_t>(std::max<int32_t>(p[b], 0), n.K);
+  return e;
+}
+
+// segment s of a row that ends at column `end`: columns [lo, hi)
+inline int64_t seg_lo(const std::vector<int64_t>& bounds, int64_t s, int64_t end) { return std::min(bounds[s], end); }
+inline int64_t seg_hi(const std::vector<int64_t>& bounds, int64_t s, int64_t end) { return std::min(bounds[s + 1], end); }
+
 // c[b, j] = z[b, idx[b, j]]
 std::vector<float> gather_activations(const float* z, const int32_t* idx, const Shape& n) {
   std::vector<float> c(n.B * n.K);
@@ -97,10 +114,21 @@ inline void load_chunk(float* h, const float* src, int64_t w) {
 #if defined(__AVX2__) && defined(__FMA__)
 static_assert(CH == 32, "the AVX2 loops hold a chunk as four 8-float vectors");
 
+constexpr int64_t AHEAD = 8;  // entries between a row's prefetch and its use: the reads are random within L2
+
+// prefetch the packed row of entry min(j + AHEAD, j1 - 1) (two cache lines)
+inline void prefetch_entry(const float* Pt, const int32_t* f, int64_t j, int64_t j1) {
+  const float* p = Pt + static_cast<int64_t>(f[std::min(j + AHEAD, j1 - 1)]) * CH;
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(p + 16), _MM_HINT_T0);
+}
+
 inline void sum_chunk(const float* Pt, const float* a, const int32_t* f, int64_t j0, int64_t j1, float* out) {
   __m256 x[4] = {}, y[4] = {};  // two accumulator sets: consecutive entries overlap their FMA latency
   int64_t j = j0;
   for (; j + 2 <= j1; j += 2) {
+    prefetch_entry(Pt, f, j, j1);
+    prefetch_entry(Pt, f, j + 1, j1);
     const float* p = Pt + static_cast<int64_t>(f[j]) * CH;
     const float* q = Pt + static_cast<int64_t>(f[j + 1]) * CH;
     const __m256 ap = _mm256_set1_ps(a[j]), aq = _mm256_set1_ps(a[j + 1]);
@@ -121,7 +149,8 @@ inline void scatter_chunk(float* Pt, const float* a, const int32_t* f, int64_t j
   const __m256 h[4] = {_mm256_loadu_ps(hp), _mm256_loadu_ps(hp + 8), _mm256_loadu_ps(hp + 16),
                        _mm256_loadu_ps(hp + 24)};
   for (int64_t j = j0; j < j1; ++j) {
-    if (a[j] == 0.f) continue;  // past the row's positives: adds nothing
+    prefetch_entry(Pt, f, j, j1);
+    if (a[j] == 0.f) continue;  // adds nothing
     float* p = Pt + static_cast<int64_t>(f[j]) * CH;
     const __m256 aj = _mm256_set1_ps(a[j]);
     for (int v = 0; v < 4; ++v) _mm256_storeu_ps(p + 8 * v, _mm256_fmadd_ps(aj, h[v], _mm256_loadu_ps(p + 8 * v)));
@@ -149,6 +178,7 @@ inline void dots_chunk(const float* Pt, const int32_t* f, int64_t j0, int64_t j1
   auto row = [&](int64_t j) { return Pt + static_cast<int64_t>(f[j]) * CH; };
   int64_t j = j0;
   for (; j + 8 <= j1; j += 8) {
+    for (int64_t i = 0; i < 8; ++i) prefetch_entry(Pt, f, j + i, j1);
     const __m256 r = lane_sums(chunk_products(row(j), h), chunk_products(row(j + 1), h),
                                chunk_products(row(j + 2), h), chunk_products(row(j + 3), h),
                                chunk_products(row(j + 4), h), chunk_products(row(j + 5), h),
@@ -194,8 +224,9 @@ int64_t n_chunks(int64_t d) { return (d + CH - 1) / CH; }
 }  // namespace
 
 torch::Tensor segments_forward(const torch::Tensor& z, const torch::Tensor& W, const torch::Tensor& idx,
-                               const std::vector<int64_t>& bounds) {
+                               const std::vector<int64_t>& bounds, const c10::optional<torch::Tensor>& ends) {
   const Shape n = check(z, W, idx, bounds);
+  const auto end = row_ends(ends, n);
   auto Y = torch::empty({n.B, n.S, n.d}, z.options());
   const int32_t* ip = idx.data_ptr<int32_t>();
   const auto c = gather_activations(z.data_ptr<float>(), ip, n);
@@ -210,7 +241,7 @@ torch::Tensor segments_forward(const torch::Tensor& z, const torch::Tensor& W, c
       for (int64_t b = r0; b < std::min(n.B, r0 + ROWS); ++b) {
         for (int64_t s = 0; s < n.S; ++s) {
           alignas(32) float out[CH];
-          sum_chunk(Pt, c.data() + b * n.K, ip + b * n.K, bounds[s], bounds[s + 1], out);
+          sum_chunk(Pt, c.data() + b * n.K, ip + b * n.K, seg_lo(bounds, s, end[b]), seg_hi(bounds, s, end[b]), out);
           std::copy_n(out, w, Yp + (b * n.S + s) * n.d + lo);
         }
       }
@@ -222,8 +253,10 @@ torch::Tensor segments_forward(const torch::Tensor& z, const torch::Tensor& W, c
 // Adds the segments' terms into dz (B, D) and dW (D, d) in place; either may be None.
 void segments_backward(const torch::Tensor& z, const torch::Tensor& W, const torch::Tensor& idx,
                        const std::vector<int64_t>& bounds, const torch::Tensor& H,
-                       const c10::optional<torch::Tensor>& dz, const c10::optional<torch::Tensor>& dW) {
+                       const c10::optional<torch::Tensor>& dz, const c10::optional<torch::Tensor>& dW,
+                       const c10::optional<torch::Tensor>& ends) {
   const Shape n = check(z, W, idx, bounds);
+  const auto end = row_ends(ends, n);
   TORCH_CHECK(H.scalar_type() == torch::kFloat && H.is_contiguous() && H.dim() == 3 && H.size(0) == n.B &&
                   H.size(1) == n.S && H.size(2) == n.d,
               "nested_segments: contiguous float32 upstream gradient of shape (B, segments, d) expected");
@@ -244,7 +277,8 @@ void segments_backward(const torch::Tensor& z, const torch::Tensor& W, const tor
           for (int64_t s = 0; s < n.S; ++s) {
             alignas(32) float h[CH];
             load_chunk(h, Hp + (b * n.S + s) * n.d + lo, w);
-            scatter_chunk(G.data(), c.data() + b * n.K, ip + b * n.K, bounds[s], bounds[s + 1], h);
+            scatter_chunk(G.data(), c.data() + b * n.K, ip + b * n.K, seg_lo(bounds, s, end[b]),
+                          seg_hi(bounds, s, end[b]), h);
           }
         }
         for (int64_t f = 0; f < n.D; ++f)
@@ -270,7 +304,8 @@ void segments_backward(const torch::Tensor& z, const torch::Tensor& W, const tor
             for (int64_t s = 0; s < n.S; ++s) {
               alignas(32) float h[CH];
               load_chunk(h, Hp + (b * n.S + s) * n.d + lo, w);
-              dots_chunk(Pt.data(), ip + b * n.K, bounds[s], bounds[s + 1], h, E.data() + (b - r0) * n.K);
+              dots_chunk(Pt.data(), ip + b * n.K, seg_lo(bounds, s, end[b]), seg_hi(bounds, s, end[b]), h,
+                         E.data() + (b - r0) * n.K);
             }
           }
         });
@@ -280,7 +315,7 @@ void segments_backward(const torch::Tensor& z, const torch::Tensor& W, const tor
           const int32_t* ib = ip + b * n.K;
           const float* eb = E.data() + (b - r0) * n.K;
           float* gb = g + b * n.D;
-          for (int64_t j = 0; j < n.K; ++j) gb[ib[j]] += eb[j];
+          for (int64_t j = 0; j < end[b]; ++j) gb[ib[j]] += eb[j];
         }
       });
     }
@@ -307,13 +342,15 @@ constexpr int64_t SELECT_BUCKETS = 2048;
 
 // Rank segments of each row of pre (B, D): idx[b, bounds[s]:bounds[s+1]] holds the features of ranks
 // bounds[s] .. bounds[s+1]-1 (in no particular order within a segment), ranked by value descending and, between
-// equal values, by feature ascending (the order of a stable descending sort). Selects only, no sort.
+// equal values, by feature ascending (the order of a stable descending sort). Selects only, no sort. In a row
+// without NaN that has n positive entries, columns [0, n) hold exactly those (the kernels' `ends`).
 //
-// A row with at least K positive entries and no NaN (the usual case) is bucketed: a positive float's bits
-// order it, so a histogram of (bits - lowest) >> shift over SELECT_BUCKETS buckets places every entry whose
-// bucket holds no boundary without comparing it; the few buckets that straddle a boundary are split with
-// exact keys. Other rows (too few positives: the whole row is ranked; a NaN, which ranks first as in a
-// sort) take a cascade of nth_element over exact keys. O(D) a row either way.
+// A row without NaN (the usual case) is bucketed: a positive float's bits order it, so a histogram of
+// (bits - lowest) >> shift over SELECT_BUCKETS buckets places every positive entry whose bucket holds no
+// boundary without comparing it; the few buckets that straddle a boundary are split with exact keys. A row
+// with fewer than K positives fills the rest with its non-positive features in feature order (ranks past the
+// positives carry no activation, so which of them are listed does not matter). A row with a NaN, which ranks
+// first as in a sort, takes a cascade of nth_element over exact keys. O(D) a row either way.
 torch::Tensor nested_select(const torch::Tensor& pre, const std::vector<int64_t>& bounds) {
   TORCH_CHECK(pre.device().is_cpu() && pre.scalar_type() == torch::kFloat && pre.dim() == 2 && pre.is_contiguous(),
               "nested_select: a contiguous 2-d float32 CPU tensor expected");
@@ -344,40 +381,51 @@ torch::Tensor nested_select(const torch::Tensor& pre, const std::vector<int64_t>
         feat[n] = static_cast<int32_t>(f);
         n += static_cast<int32_t>(bits[n]) > 0;
       }
-      if (!nan && n >= K) {  // bucketed
-        uint32_t lo = 0xffffffffu, hi = 0;
-        for (int64_t i = 0; i < n; ++i) {
-          lo = std::min(lo, bits[i]);
-          hi = std::max(hi, bits[i]);
+      if (!nan) {  // bucketed
+        const int64_t take = std::min(n, K);  // ranks held by positive entries
+        if (take > 0) {
+          uint32_t lo = 0xffffffffu, hi = 0;
+          for (int64_t i = 0; i < n; ++i) {
+            lo = std::min(lo, bits[i]);
+            hi = std::max(hi, bits[i]);
+          }
+          int shift = 0;
+          while (((hi - lo) >> shift) >= static_cast<uint32_t>(SELECT_BUCKETS)) ++shift;
+          const int64_t nb = ((hi - lo) >> shift) + 1;
+          std::fill_n(count.begin(), nb, 0);
+          for (int64_t i = 0; i < n; ++i) ++count[(bits[i] - lo) >> shift];
+          int64_t pos = 0, cut = -1;  // buckets from the top; cut: the one that reaches rank `take`
+          for (int64_t q = nb - 1; q >= 0; --q) {
+            start[q] = static_cast<int32_t>(pos);
+            pos += count[q];
+            if (cut < 0 && pos >= take) cut = q;
+          }
+          for (int64_t i = 0; i < n; ++i)  // a counting sort by bucket, descending
+            key[start[(bits[i] - lo) >> shift]++] = rank_key(bits[i], feat[i]);
+          for (int64_t q = cut; q < nb; ++q) {  // split the buckets that straddle a boundary, with exact keys
+            const int64_t e = start[q], a = e - count[q];  // start[q] has moved to the bucket's end
+            int inside = 0;
+            int64_t at = 0;
+            for (size_t s = 1; s < bounds.size(); ++s)
+              if (bounds[s] > a && bounds[s] < e) ++inside, at = bounds[s];
+            if (inside == 1)
+              std::nth_element(key.begin() + a, key.begin() + at, key.begin() + e);
+            else if (inside > 1)
+              std::sort(key.begin() + a, key.begin() + e);
+          }
+          for (int64_t j = 0; j < take; ++j) out[j] = static_cast<int32_t>(key_feature(key[j]));
         }
-        int shift = 0;
-        while (((hi - lo) >> shift) >= static_cast<uint32_t>(SELECT_BUCKETS)) ++shift;
-        const int64_t nb = ((hi - lo) >> shift) + 1;
-        std::fill_n(count.begin(), nb, 0);
-        for (int64_t i = 0; i < n; ++i) ++count[(bits[i] - lo) >> shift];
-        int64_t pos = 0, cut = -1;  // buckets from the top; cut: the one that reaches rank K
-        for (int64_t q = nb - 1; q >= 0; --q) {
-          start[q] = static_cast<int32_t>(pos);
-          pos += count[q];
-          if (cut < 0 && pos >= K) cut = q;
+        if (take < K) {  // too few positives: non-positive features after them (feat is free again)
+          int64_t m = 0;
+          for (int64_t f = 0; f < D; ++f) {
+            feat[m] = static_cast<int32_t>(f);
+            m += static_cast<int32_t>(float_bits(row + f)) <= 0;
+          }
+          std::copy_n(feat.begin(), K - take, out + take);
         }
-        for (int64_t i = 0; i < n; ++i)  // a counting sort by bucket, descending
-          key[start[(bits[i] - lo) >> shift]++] = rank_key(bits[i], feat[i]);
-        for (int64_t q = cut; q < nb; ++q) {  // split the buckets that straddle a boundary, with exact keys
-          const int64_t e = start[q], a = e - count[q];  // start[q] has moved to the bucket's end
-          int inside = 0;
-          int64_t at = 0;
-          for (size_t s = 1; s < bounds.size(); ++s)
-            if (bounds[s] > a && bounds[s] < e) ++inside, at = bounds[s];
-          if (inside == 1)
-            std::nth_element(key.begin() + a, key.begin() + at, key.begin() + e);
-          else if (inside > 1)
-            std::sort(key.begin() + a, key.begin() + e);
-        }
-        for (int64_t j = 0; j < K; ++j) out[j] = static_cast<int32_t>(key_feature(key[j]));
         continue;
       }
-      n = 0;  // candidates: positive or NaN entries (NaN ranks first), or the whole row if too few
+      n = 0;  // a row with NaN. Candidates: positive or NaN entries (NaN ranks first), or the whole row if too few
       for (int64_t f = 0; f < D; ++f) {
         key[n] = rank_key(float_bits(row + f), f);
         n += !(row[f] <= 0.f);
@@ -397,6 +445,9 @@ torch::Tensor nested_select(const torch::Tensor& pre, const std::vector<int64_t>
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nested_select", &nested_select, "rank segments of each row");
-  m.def("segments_forward", &segments_forward, "Y[b, s] = sum over segment s of z[b, f] W[f]");
-  m.def("segments_backward", &segments_backward, "add the segments' terms to dz and dW in place");
+  m.def("segments_forward", &segments_forward, "Y[b, s] = sum over segment s of z[b, f] W[f]", py::arg("z"),
+        py::arg("W"), py::arg("idx"), py::arg("bounds"), py::arg("ends") = py::none());
+  m.def("segments_backward", &segments_backward, "add the segments' terms to dz and dW in place", py::arg("z"),
+        py::arg("W"), py::arg("idx"), py::arg("bounds"), py::arg("H"), py::arg("dz"), py::arg("dW"),
+        py::arg("ends") = py::none());
 }
