@@ -11,7 +11,8 @@
 //
 // All three walk the decoder a column chunk at a time (CH columns of all D rows, D * CH * 4 bytes:
 // 768 KiB for D = 6144, within a core's L2), so a gathered row costs one L2 read instead of one
-// trip to L3 or memory; the accumulators of one (row, segment) stay in registers. The forward and
+// trip to L3 or memory, prefetched a few entries ahead; the accumulators of one (row, segment)
+// stay in registers. The forward and
 // dW passes split the chunks between threads (disjoint output columns, no races); the dz pass
 // takes one chunk at a time and splits the rows. All three go through the rows in blocks of ROWS,
 // so that the indices and activations read once per chunk stay in L3 at any batch size. Besides
