@@ -108,9 +108,10 @@ def nested_selection(hidden_pre: torch.Tensor, k_list: list[int], tail_if_narrow
     bounds = [0, *partial]
     top, below = partial[-1], (partial[-2] if len(partial) > 1 else 0)
     if TAIL_MODE != "never" and len(partial) < len(k_list) and top - below < tail_if_narrower_than:
-        tail_entries = int((n_pos - top).clamp_min(0).sum(dtype=torch.int64))  # positive entries only:
-        segment_entries = int((n_pos - below).clamp(0, top - below).sum(dtype=torch.int64))  # kernels' `ends`
-        if TAIL_MODE == "always" or tail_entries < 0.9 * segment_entries:  # a margin for the longer select
+        # positive entries, counted per row: the kernels skip the rest (`ends`)
+        tail_entries = int((n_pos - top).clamp_min(0).sum(dtype=torch.int64))
+        segment_entries = int((n_pos - below).clamp(0, top - below).sum(dtype=torch.int64))
+        if TAIL_MODE == "always" or tail_entries < 0.9 * segment_entries:
             bounds.append(n_max)
     tail_end = bounds[-1] if len(bounds) > len(partial) + 1 else 0
     return NestedSelection(partial, rank_segments(hidden_pre, bounds), n_pos, tail_end)
@@ -264,7 +265,7 @@ class GatheredSegments(torch.autograd.Function):
     (the PyTorch path computes those, which that ReLU stops).
 
     forward: the GEMM (following the caller's autocast) and one float32 embedding_bag over the
-    decoder rows (bags = (row, segment)). Only z, W and int32 indices are kept for backward.
+    decoder rows (bags = (row, segment)). Only z, W, int32 indices and `ends` are kept for backward.
     backward: dz = dF W^T is the one (B, d_sae) gradient buffer; the segments' activation
     gradients are added into it in place. Those are per-entry dot products taken feature-major
     (an int32 argsort, so that each decoder row is read once per feature and the small
