@@ -120,31 +120,34 @@ def test_select_matches_the_stable_ranking(kernels, monkeypatch):
     pre[6] = pre[6].abs() + 1.0  # all positive, every value of the row in a few buckets
     pre[7, :] = -pre[7, :].abs()
     pre[7, 100:140] = 0.5  # 40 tied positives across three boundaries, fewer than K
-    bounds = [0, 1, 7, 30, 64]
     n_pos = (pre > 0).sum(-1)
-    assert int((n_pos < 64).sum()) >= 3  # rows the select pads
-    past = (torch.arange(64)[None, :] >= n_pos[:, None]) & ~pre.isnan().any(-1, keepdim=True)
 
-    def canonical(idx):  # segments as sets (each sorted), the columns past a row's positives blanked
+    def canonical(idx, bounds, past):  # segments as sets (each sorted), columns past a row's positives blanked
         idx = idx.long().masked_fill(past, -1)
         return torch.cat([idx[:, a:b].sort(dim=-1).values for a, b in zip(bounds[:-1], bounds[1:])], 1)
 
-    def check(got):
-        assert got.dtype == torch.int32 and torch.equal(canonical(got), canonical(want))
-        for b in range(pre.shape[0]):  # the padding: distinct, non-positive, none of the row's positives
-            pad = got[b][past[b]].long()
-            assert pad.unique().numel() == pad.numel() and bool((pre[b, pad] <= 0).all()), b
-
-    want = pre.sort(dim=-1, descending=True, stable=True).indices[:, :64]
-    check(kernels.nested_select(pre, bounds))
-    monkeypatch.setenv(cpu_kernels.ENV, "0")
-    check(rank_segments(pre, bounds))  # ties at boundaries: exact keys
+    # K = 200: most rows have fewer positives, and their padding is found over several blocks of features
+    for bounds in ([0, 1, 7, 30, 64], [0, 10, 100, 200]):
+        K = bounds[-1]
+        assert int((n_pos < K).sum()) >= 3  # rows the select pads
+        past = (torch.arange(K)[None, :] >= n_pos[:, None]) & ~pre.isnan().any(-1, keepdim=True)
+        want = canonical(pre.sort(dim=-1, descending=True, stable=True).indices[:, :K], bounds, past)
+        for path in ("1", "0"):  # the compiled select; the PyTorch path (ties at boundaries: exact keys)
+            monkeypatch.setenv(cpu_kernels.ENV, path)
+            got = rank_segments(pre, bounds)
+            assert got.dtype == torch.int32 and torch.equal(canonical(got, bounds, past), want), (K, path)
+            for b in range(pre.shape[0]):  # the padding: distinct, non-positive, none of the row's positives
+                pad = got[b][past[b]].long()
+                assert pad.unique().numel() == pad.numel() and bool((pre[b, pad] <= 0).all()), (K, path, b)
+    monkeypatch.setenv(cpu_kernels.ENV, "1")
+    bounds = [0, 1, 7, 30, 64]
     distinct = torch.randn(30, 300, generator=g)  # no ties: the plain top-k
     distinct[:3, :40] = 2.0  # three rows whose ties straddle boundaries, among rows without
     want = distinct.sort(dim=-1, descending=True, stable=True).indices[:, :64]
     past = torch.zeros_like(want, dtype=torch.bool)
-    assert torch.equal(canonical(rank_segments(distinct, bounds)), canonical(want))
-    assert torch.equal(canonical(kernels.nested_select(distinct, bounds)), canonical(want))
+    assert torch.equal(canonical(kernels.nested_select(distinct, bounds), bounds, past), canonical(want, bounds, past))
+    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    assert torch.equal(canonical(rank_segments(distinct, bounds), bounds, past), canonical(want, bounds, past))
 
 
 def test_kernels_name_bad_input(kernels):

@@ -367,6 +367,24 @@ class GatheredSegments(torch.autograd.Function):
         return dz, dW
 
 
+def piece_ranges(sel: NestedSelection) -> list[tuple[int, int]]:
+    """The fused loss's pieces as column ranges of the ranking: the rank segments [k_{s-1}, k_s),
+    the last one replaced by the tail [K, tail_end) when level K is the full level minus its tail."""
+    ranges = list(zip([0, *sel.partial[:-1]], sel.partial))
+    if sel.tail_end:
+        ranges[-1] = (sel.partial[-1], sel.tail_end)
+    return ranges
+
+
+def gathered_run(sel: NestedSelection, ranges: list[tuple[int, int]]
+                 ) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """`GatheredSegments`'s (idx, bounds, ends) for a run of consecutive piece ranges."""
+    bounds = [0]
+    for a, b in ranges:
+        bounds.append(bounds[-1] + b - a)
+    return _columns(sel.indices, ranges), bounds, _run_ends(sel.n_pos, ranges)
+
+
 def _columns(indices: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
     """The column ranges of `indices`, side by side (a view when they are adjacent)."""
     if all(a1 == b0 for (_, b0), (a1, _) in zip(ranges[:-1], ranges[1:])):
@@ -435,11 +453,7 @@ def nested_topk_loss_fused(
     full_out = None
     partial_out: dict[int, torch.Tensor] = {}
     if sel.partial:
-        # column ranges of the ranking, one per piece: the rank segments, the last one replaced by
-        # the tail when level K is the full level minus its tail
-        segments = list(zip([0, *sel.partial[:-1]], sel.partial))
-        if sel.tail_end:
-            segments[-1] = (sel.partial[-1], sel.tail_end)
+        segments = piece_ranges(sel)
         pieces: list[torch.Tensor] = []  # each range's decode, in order
         j = 0
         while j < len(segments):
@@ -453,12 +467,9 @@ def nested_topk_loss_fused(
             end = j  # the run of consecutive gathered ranges starting at j
             while end < len(segments) and segments[end][1] - segments[end][0] < dense_from:
                 end += 1
-            run = segments[j:end]
-            widths = [b - a for a, b in run]
-            bounds = [sum(widths[:i]) for i in range(len(run) + 1)]
+            idx, bounds, ends = gathered_run(sel, segments[j:end])
             with_full = need_full and full_out is None  # the first run also does the full GEMM
-            full, Y = GatheredSegments.apply(z, W_dec, _columns(sel.indices, run), bounds, with_full,
-                                             _run_ends(sel.n_pos, run))
+            full, Y = GatheredSegments.apply(z, W_dec, idx, bounds, with_full, ends)
             if with_full:
                 full_out = full + b_dec
             pieces.extend(Y.unbind(1))

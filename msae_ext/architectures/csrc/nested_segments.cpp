@@ -403,12 +403,18 @@ torch::Tensor nested_select(const torch::Tensor& pre, const std::vector<int64_t>
           }
           for (int64_t i = 0; i < n; ++i)  // a counting sort by bucket, descending
             key[start[(bits[i] - lo) >> shift]++] = rank_key(bits[i], feat[i]);
-          for (int64_t q = cut; q < nb; ++q) {  // split the buckets that straddle a boundary, with exact keys
+          // split the buckets that straddle a boundary, with exact keys: buckets in rank order (from
+          // the top), boundaries merged along, up to the last one that falls among the positives
+          // (K itself when there are at least K)
+          const int64_t last = take == K ? K : take - 1;
+          size_t s = 1;
+          for (int64_t q = nb - 1; q >= cut; --q) {
             const int64_t e = start[q], a = e - count[q];  // start[q] has moved to the bucket's end
+            while (s < bounds.size() && bounds[s] <= a) ++s;
+            if (s == bounds.size() || bounds[s] > last) break;
             int inside = 0;
             int64_t at = 0;
-            for (size_t s = 1; s < bounds.size(); ++s)
-              if (bounds[s] > a && bounds[s] < e) ++inside, at = bounds[s];
+            for (size_t t = s; t < bounds.size() && bounds[t] < e; ++t) ++inside, at = bounds[t];
             if (inside == 1)
               std::nth_element(key.begin() + a, key.begin() + at, key.begin() + e);
             else if (inside > 1)
@@ -416,11 +422,13 @@ torch::Tensor nested_select(const torch::Tensor& pre, const std::vector<int64_t>
           }
           for (int64_t j = 0; j < take; ++j) out[j] = static_cast<int32_t>(key_feature(key[j]));
         }
-        if (take < K) {  // too few positives: non-positive features after them (feat is free again)
-          int64_t m = 0;
-          for (int64_t f = 0; f < D; ++f) {
-            feat[m] = static_cast<int32_t>(f);
-            m += static_cast<int32_t>(float_bits(row + f)) <= 0;
+        if (take < K) {  // too few positives: non-positive features after them (feat is free again),
+          int64_t m = 0;   // found 64 features at a time until there are enough
+          for (int64_t f0 = 0; f0 < D && m < K - take; f0 += 64) {
+            for (int64_t f = f0; f < std::min(f0 + 64, D); ++f) {
+              feat[m] = static_cast<int32_t>(f);
+              m += static_cast<int32_t>(float_bits(row + f)) <= 0;
+            }
           }
           std::copy_n(feat.begin(), K - take, out + take);
         }

@@ -1,0 +1,145 @@
+"""The fused MSAE loss's partial levels on CPU: the compiled select and segment kernels, one run.
+
+    python benchmarks/segment_kernels.py                   # batch 1024, 768 -> 6144, active 0.2 and 0.5
+    python benchmarks/segment_kernels.py --batch 4096 --rounds 5
+
+For each active fraction (b_enc shifted as in train_step.py, from the paper's initialisation):
+  * the layout the fused loss gathers, with the tail off and on (`nested_topk.TAIL_MODE` "never"
+    and "auto"): entries a row (the positive ones the kernels read, per `ends`);
+  * milliseconds of the select and of each kernel pass (decode, activation gradient, decoder
+    gradient), and each pass's multiply-adds per second (entries x d_in) against the full level's
+    GEMM z @ W_dec on the same data;
+  * the fused loss's forward + backward (no optimizer) with the tail off and on.
+Every timing is the minimum over `--repeats` calls, and the settings are interleaved over
+`--rounds`; ratios are medians of within-round ratios (this VM's speed drifts between minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from msae_ext.architectures import cpu_kernels, nested_topk, resolve_k_list
+from msae_ext.architectures.nested_topk import gathered_run, nested_selection, nested_topk_loss_fused, piece_ranges
+
+TAIL_SETTINGS = ("never", "auto")
+
+
+def best_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * min(times)
+
+
+def case(batch: int, d_in: int, d_sae: int, active: float):
+    """The paper's initialisation (W_enc = W_dec^T, unit decoder rows) with b_enc shifted so that
+    `active` of the pre-activations are positive, as benchmarks/train_step.py does."""
+    torch.manual_seed(0)
+    W = F.normalize(torch.randn(d_sae, d_in), dim=-1)
+    x = torch.randn(batch, d_in)
+    pre = x @ W.T
+    if active < 0.5:
+        pre -= float(torch.quantile(pre[:256].flatten(), 1 - active))
+    return x, pre, W
+
+
+@contextmanager
+def tail_mode(mode: str):
+    saved, nested_topk.TAIL_MODE = nested_topk.TAIL_MODE, mode
+    try:
+        yield
+    finally:
+        nested_topk.TAIL_MODE = saved
+
+
+def layout(pre: torch.Tensor, k_list: list[int], tail: str):
+    """The fused loss's single gathered run on CPU: (idx, bounds, ends, selection)."""
+    with tail_mode(tail):
+        sel = nested_selection(pre, k_list, tail_if_narrower_than=float("inf"))
+    idx, bounds, ends = gathered_run(sel, piece_ranges(sel))
+    return idx.contiguous(), bounds, ends, sel
+
+
+def kernel_times(kernels, pre, W, k_list, tail, repeats) -> dict[str, float]:
+    z = pre.relu()
+    idx, bounds, ends, sel = layout(pre, k_list, tail)
+    H = torch.randn(z.shape[0], len(bounds) - 1, W.shape[1])
+    dz, dW = torch.zeros_like(z), torch.zeros_like(W)
+    select_bounds = [0, *sel.partial] + ([sel.tail_end] if sel.tail_end else [])
+    return {
+        "select": best_ms(lambda: kernels.nested_select(pre, select_bounds), repeats),
+        "decode": best_ms(lambda: kernels.segments_forward(z, W, idx, bounds, ends), repeats),
+        "dz": best_ms(lambda: kernels.segments_backward(z, W, idx, bounds, H, dz, None, ends), repeats),
+        "dW": best_ms(lambda: kernels.segments_backward(z, W, idx, bounds, H, None, dW, ends), repeats),
+        "gemm": best_ms(lambda: z @ W, repeats),
+        "entries": float(ends.float().mean()),
+    }
+
+
+def loss_ms(x, pre, W, k_list, tail, repeats) -> float:
+    pre = pre.clone().requires_grad_()
+    W = W.clone().requires_grad_()
+    b_dec = torch.zeros(W.shape[1], requires_grad=True)
+    alphas = [1.0] * len(k_list)
+
+    def step():
+        loss, _, _ = nested_topk_loss_fused(x, pre, W, b_dec, k_list, alphas)
+        loss.backward()
+
+    with tail_mode(tail):
+        return best_ms(step, repeats)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--shape", default="768:6144", help="DIN:DSAE")
+    p.add_argument("--active", default="0.2,0.5", help="comma list of fractions of positive pre-activations")
+    p.add_argument("--repeats", type=int, default=5, help="calls per timing (the minimum is kept)")
+    p.add_argument("--rounds", type=int, default=3, help="tail settings interleaved this many times")
+    args = p.parse_args(argv)
+    kernels = cpu_kernels.segment_kernels()
+    if kernels is None:
+        sys.exit("the compiled CPU segment kernels are off or did not build: nothing to time "
+                 f"({cpu_kernels.ENV}, a C++ compiler and ninja)")
+    d_in, d_sae = (int(v) for v in args.shape.split(":"))
+    k_list = resolve_k_list(d_sae, None, 64)
+    print(f"# cpu, torch {torch.__version__}, threads {torch.get_num_threads()}; batch {args.batch}, "
+          f"{d_in} -> {d_sae}, k-list {k_list}; min of {args.repeats} calls, {args.rounds} interleaved rounds")
+    for active in (float(a) for a in args.active.split(",")):
+        x, pre, W = case(args.batch, d_in, d_sae, active)
+        n_pos = (pre > 0).sum(-1).float()
+        print(f"\n## active {float((pre > 0).float().mean()):.3f}: positives a row {n_pos.mean():.0f} "
+              f"(max {n_pos.max():.0f})")
+        rounds = [{t: (kernel_times(kernels, pre, W, k_list, t, args.repeats),
+                       loss_ms(x, pre, W, k_list, t, args.repeats)) for t in TAIL_SETTINGS}
+                  for _ in range(args.rounds)]
+        gemm_rate = args.batch * d_sae * d_in / statistics.median(r[t][0]["gemm"] for r in rounds for t in r)
+        print(f"{'tail':<8}{'pieces':<40}{'entries':>8}{'select':>8}{'decode':>8}{'dz':>8}{'dW':>8}"
+              f"{'loss f+b':>10}   pass throughput / GEMM's (decode, dz, dW)")
+        for t in TAIL_SETTINGS:
+            _, _, _, sel = layout(pre, k_list, t)
+            med = {key: statistics.median(r[t][0][key] for r in rounds)
+                   for key in ("select", "decode", "dz", "dW", "entries")}
+            loss = statistics.median(r[t][1] for r in rounds)
+            macs = args.batch * med["entries"] * d_in
+            rates = " ".join(f"{macs / med[key] / gemm_rate:.2f}" for key in ("decode", "dz", "dW"))
+            pieces = " ".join(f"{a}:{b}" for a, b in piece_ranges(sel))
+            print(f"{t:<8}{pieces:<40}{med['entries']:>8.0f}{med['select']:>8.1f}{med['decode']:>8.1f}"
+                  f"{med['dz']:>8.1f}{med['dW']:>8.1f}{loss:>10.1f}   {rates}")
+        gain = statistics.median(r["never"][1] / r["auto"][1] for r in rounds)
+        print(f"GEMM z @ W_dec: {gemm_rate / 1e6:.1f} G multiply-adds/s; loss f+b tail never / auto: {gain:.2f}")
+
+
+if __name__ == "__main__":
+    main()
