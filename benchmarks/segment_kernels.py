@@ -26,7 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from msae_ext.architectures import cpu_kernels, nested_topk, resolve_k_list
-from msae_ext.architectures.nested_topk import gathered_run, nested_selection, nested_topk_loss_fused, piece_ranges
+from msae_ext.architectures.nested_topk import (
+    gathered_run,
+    nested_selection,
+    nested_topk_loss_fused,
+    piece_ranges,
+    selection_bounds,
+)
 
 TAIL_SETTINGS = ("never", "auto")
 
@@ -70,12 +76,13 @@ def layout(pre: torch.Tensor, k_list: list[int], tail: str):
     return idx.contiguous(), bounds, ends, sel
 
 
-def kernel_times(kernels, pre, W, k_list, tail, repeats) -> dict[str, float]:
+def kernel_times(kernels, pre, W, run, repeats) -> dict[str, float]:
+    """`run`: one `layout`."""
     z = pre.relu()
-    idx, bounds, ends, sel = layout(pre, k_list, tail)
+    idx, bounds, ends, sel = run
     H = torch.randn(z.shape[0], len(bounds) - 1, W.shape[1])
     dz, dW = torch.zeros_like(z), torch.zeros_like(W)
-    select_bounds = [0, *sel.partial] + ([sel.tail_end] if sel.tail_end else [])
+    select_bounds = selection_bounds(sel.partial, sel.tail_end)
     return {
         "select": best_ms(lambda: kernels.nested_select(pre, select_bounds), repeats),
         "decode": best_ms(lambda: kernels.segments_forward(z, W, idx, bounds, ends), repeats),
@@ -121,14 +128,15 @@ def main(argv: list[str] | None = None) -> None:
         n_pos = (pre > 0).sum(-1).float()
         print(f"\n## active {float((pre > 0).float().mean()):.3f}: positives a row {n_pos.mean():.0f} "
               f"(max {n_pos.max():.0f})")
-        rounds = [{t: (kernel_times(kernels, pre, W, k_list, t, args.repeats),
+        runs = {t: layout(pre, k_list, t) for t in TAIL_SETTINGS}
+        rounds = [{t: (kernel_times(kernels, pre, W, runs[t], args.repeats),
                        loss_ms(x, pre, W, k_list, t, args.repeats)) for t in TAIL_SETTINGS}
                   for _ in range(args.rounds)]
         gemm_rate = args.batch * d_sae * d_in / statistics.median(r[t][0]["gemm"] for r in rounds for t in r)
         print(f"{'tail':<8}{'pieces':<40}{'entries':>8}{'select':>8}{'decode':>8}{'dz':>8}{'dW':>8}"
               f"{'loss f+b':>10}   pass throughput / GEMM's (decode, dz, dW)")
         for t in TAIL_SETTINGS:
-            _, _, _, sel = layout(pre, k_list, t)
+            sel = runs[t][3]
             med = {key: statistics.median(r[t][0][key] for r in rounds)
                    for key in ("select", "decode", "dz", "dW", "entries")}
             loss = statistics.median(r[t][1] for r in rounds)

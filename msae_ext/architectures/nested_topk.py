@@ -105,16 +105,21 @@ def nested_selection(hidden_pre: torch.Tensor, k_list: list[int], tail_if_narrow
     if not partial:
         empty = torch.empty(hidden_pre.shape[0], 0, dtype=torch.int32, device=hidden_pre.device)
         return NestedSelection(partial, empty, n_pos)
-    bounds = [0, *partial]
     top, below = partial[-1], (partial[-2] if len(partial) > 1 else 0)
+    tail_end = 0
     if TAIL_MODE != "never" and len(partial) < len(k_list) and top - below < tail_if_narrower_than:
         # positive entries, counted per row: the kernels skip the rest (`ends`)
         tail_entries = int((n_pos - top).clamp_min(0).sum(dtype=torch.int64))
         segment_entries = int((n_pos - below).clamp(0, top - below).sum(dtype=torch.int64))
         if TAIL_MODE == "always" or tail_entries < 0.9 * segment_entries:
-            bounds.append(n_max)
-    tail_end = bounds[-1] if len(bounds) > len(partial) + 1 else 0
-    return NestedSelection(partial, rank_segments(hidden_pre, bounds), n_pos, tail_end)
+            tail_end = n_max
+    indices = rank_segments(hidden_pre, selection_bounds(partial, tail_end))
+    return NestedSelection(partial, indices, n_pos, tail_end)
+
+
+def selection_bounds(partial: list[int], tail_end: int) -> list[int]:
+    """The rank bounds a selection is made at: [0, *partial], and the tail's end when there is one."""
+    return [0, *partial] + ([tail_end] if tail_end else [])
 
 
 def rank_segments(pre: torch.Tensor, bounds: list[int]) -> torch.Tensor:

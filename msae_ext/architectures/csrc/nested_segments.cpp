@@ -12,9 +12,8 @@
 // All three walk the decoder a column chunk at a time (CH columns of all D rows, D * CH * 4 bytes:
 // 768 KiB for D = 6144, within a core's L2), so a gathered row costs one L2 read instead of one
 // trip to L3 or memory, prefetched a few entries ahead; the accumulators of one (row, segment)
-// stay in registers. The forward and
-// dW passes split the chunks between threads (disjoint output columns, no races); the dz pass
-// takes one chunk at a time and splits the rows. All three go through the rows in blocks of ROWS,
+// stay in registers. The forward and dW passes split the chunks between threads (disjoint output
+// columns, no races); the dz pass takes one chunk at a time and splits the rows. All three go through the rows in blocks of ROWS,
 // so that the indices and activations read once per chunk stay in L3 at any batch size. Besides
 // the columns past `ends`, an entry whose activation is zero is skipped by the dW pass; dz is
 // computed for every other entry (the ReLU that made a zero stops it).
@@ -422,8 +421,8 @@ torch::Tensor nested_select(const torch::Tensor& pre, const std::vector<int64_t>
           }
           for (int64_t j = 0; j < take; ++j) out[j] = static_cast<int32_t>(key_feature(key[j]));
         }
-        if (take < K) {  // too few positives: non-positive features after them (feat is free again),
-          int64_t m = 0;   // found 64 features at a time until there are enough
+        if (take < K) {  // too few positives: non-positive features after them, found 64 features
+          int64_t m = 0;   // at a time until there are enough (feat is free again)
           for (int64_t f0 = 0; f0 < D && m < K - take; f0 += 64) {
             for (int64_t f = f0; f < std::min(f0 + 64, D); ++f) {
               feat[m] = static_cast<int32_t>(f);
