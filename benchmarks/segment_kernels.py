@@ -4,12 +4,15 @@
     python benchmarks/segment_kernels.py --batch 4096 --rounds 5
 
 For each active fraction (b_enc shifted as in train_step.py, from the paper's initialisation):
-  * the layout the fused loss gathers, with the tail off and on (`nested_topk.TAIL_MODE` "never"
-    and "auto"): entries a row (the positive ones the kernels read, per `ends`);
+  * each layout of the largest partial level and the full level (`nested_topk.LAYOUT`: "segments",
+    level K from its rank segment and the full level by GEMM; "tail", level K = the full level
+    minus its tail; "gathered", the full level = level K plus its tail, no GEMM), and the one
+    "auto" picks: the pieces gathered and the entries a row (the positive ones the kernels read,
+    per `ends`);
   * milliseconds of the select and of each kernel pass (decode, activation gradient, decoder
     gradient), and each pass's multiply-adds per second (entries x d_in) against the full level's
     GEMM z @ W_dec on the same data;
-  * the fused loss's forward + backward (no optimizer) with the tail off and on.
+  * the fused loss's forward + backward (no optimizer) in each layout.
 Every timing is the minimum over `--repeats` calls, and the settings are interleaved over
 `--rounds`; ratios are medians of within-round ratios (this VM's speed drifts between minutes).
 """
@@ -34,7 +37,7 @@ from msae_ext.architectures.nested_topk import (
     selection_bounds,
 )
 
-TAIL_SETTINGS = ("never", "auto")
+LAYOUTS = ("segments", "tail", "gathered")
 
 
 def best_ms(fn, repeats: int) -> float:
@@ -60,18 +63,24 @@ def case(batch: int, d_in: int, d_sae: int, active: float):
 
 
 @contextmanager
-def tail_mode(mode: str):
-    saved, nested_topk.TAIL_MODE = nested_topk.TAIL_MODE, mode
+def forced_layout(mode: str):
+    saved, nested_topk.LAYOUT = nested_topk.LAYOUT, mode
     try:
         yield
     finally:
-        nested_topk.TAIL_MODE = saved
+        nested_topk.LAYOUT = saved
 
 
-def layout(pre: torch.Tensor, k_list: list[int], tail: str):
+def selection(pre: torch.Tensor, k_list: list[int], mode: str):
+    """The fused loss's selection on CPU in float32 for LAYOUT `mode`."""
+    with forced_layout(mode):
+        return nested_selection(pre, k_list, tail_if_narrower_than=float("inf"),
+                                gemm_entries=nested_topk.GATHER_FULL_FRACTION * pre.shape[1])
+
+
+def layout(pre: torch.Tensor, k_list: list[int], mode: str):
     """The fused loss's single gathered run on CPU: (idx, bounds, ends, selection)."""
-    with tail_mode(tail):
-        sel = nested_selection(pre, k_list, tail_if_narrower_than=float("inf"))
+    sel = selection(pre, k_list, mode)
     idx, bounds, ends = gathered_run(sel, piece_ranges(sel))
     return idx.contiguous(), bounds, ends, sel
 
@@ -93,7 +102,7 @@ def kernel_times(kernels, pre, W, run, repeats) -> dict[str, float]:
     }
 
 
-def loss_ms(x, pre, W, k_list, tail, repeats) -> float:
+def loss_ms(x, pre, W, k_list, mode, repeats) -> float:
     pre = pre.clone().requires_grad_()
     W = W.clone().requires_grad_()
     b_dec = torch.zeros(W.shape[1], requires_grad=True)
@@ -103,7 +112,7 @@ def loss_ms(x, pre, W, k_list, tail, repeats) -> float:
         loss, _, _ = nested_topk_loss_fused(x, pre, W, b_dec, k_list, alphas)
         loss.backward()
 
-    with tail_mode(tail):
+    with forced_layout(mode):
         return best_ms(step, repeats)
 
 
@@ -113,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shape", default="768:6144", help="DIN:DSAE")
     p.add_argument("--active", default="0.2,0.5", help="comma list of fractions of positive pre-activations")
     p.add_argument("--repeats", type=int, default=5, help="calls per timing (the minimum is kept)")
-    p.add_argument("--rounds", type=int, default=3, help="tail settings interleaved this many times")
+    p.add_argument("--rounds", type=int, default=3, help="layouts interleaved this many times")
     args = p.parse_args(argv)
     kernels = cpu_kernels.segment_kernels()
     if kernels is None:
@@ -128,14 +137,15 @@ def main(argv: list[str] | None = None) -> None:
         n_pos = (pre > 0).sum(-1).float()
         print(f"\n## active {float((pre > 0).float().mean()):.3f}: positives a row {n_pos.mean():.0f} "
               f"(max {n_pos.max():.0f})")
-        runs = {t: layout(pre, k_list, t) for t in TAIL_SETTINGS}
+        runs = {t: layout(pre, k_list, t) for t in LAYOUTS}
+        auto = selection(pre, k_list, "auto")
         rounds = [{t: (kernel_times(kernels, pre, W, runs[t], args.repeats),
-                       loss_ms(x, pre, W, k_list, t, args.repeats)) for t in TAIL_SETTINGS}
+                       loss_ms(x, pre, W, k_list, t, args.repeats)) for t in LAYOUTS}
                   for _ in range(args.rounds)]
         gemm_rate = args.batch * d_sae * d_in / statistics.median(r[t][0]["gemm"] for r in rounds for t in r)
-        print(f"{'tail':<8}{'pieces':<40}{'entries':>8}{'select':>8}{'decode':>8}{'dz':>8}{'dW':>8}"
+        print(f"{'layout':<10}{'pieces':<46}{'entries':>8}{'select':>8}{'decode':>8}{'dz':>8}{'dW':>8}"
               f"{'loss f+b':>10}   pass throughput / GEMM's (decode, dz, dW)")
-        for t in TAIL_SETTINGS:
+        for t in LAYOUTS:
             sel = runs[t][3]
             med = {key: statistics.median(r[t][0][key] for r in rounds)
                    for key in ("select", "decode", "dz", "dW", "entries")}
@@ -143,11 +153,14 @@ def main(argv: list[str] | None = None) -> None:
             macs = args.batch * med["entries"] * d_in
             rates = " ".join(f"{macs / med[key] / gemm_rate:.2f}" for key in ("decode", "dz", "dW"))
             pieces = " ".join(f"{a}:{b}" for a, b in piece_ranges(sel))
-            print(f"{t:<8}{pieces:<40}{med['entries']:>8.0f}{med['select']:>8.1f}{med['decode']:>8.1f}"
+            print(f"{t:<10}{pieces:<46}{med['entries']:>8.0f}{med['select']:>8.1f}{med['decode']:>8.1f}"
                   f"{med['dz']:>8.1f}{med['dW']:>8.1f}{loss:>10.1f}   {rates}")
-        gain = statistics.median(r["never"][1] / r["auto"][1] for r in rounds)
-        print(f"GEMM z @ W_dec: {gemm_rate / 1e6:.1f} G multiply-adds/s; loss f+b tail never / auto: {gain:.2f}")
-
+        gemm_ms = statistics.median(r[t][0]["gemm"] for r in rounds for t in r)
+        picked = "gathered" if auto.full_gathered else ("tail" if auto.tail_end else "segments")
+        gains = ", ".join(f"{t} {statistics.median(r['segments'][1] / r[t][1] for r in rounds):.2f}"
+                          for t in LAYOUTS[1:])
+        print(f"GEMM z @ W_dec: {gemm_ms:.1f} ms, {gemm_rate / 1e6:.1f} G multiply-adds/s; "
+              f"loss f+b, segments / layout: {gains}; auto picks {picked}")
 
 if __name__ == "__main__":
     main()

@@ -73,6 +73,28 @@ def test_segment_kernels_match_dense_math(kernels, shape, with_ends):
     only_W = dW0.clone()  # either gradient alone
     kernels.segments_backward(z, W, idx, bounds, H, None, only_W, ends)
     torch.testing.assert_close(only_W, dW)
+    fresh = torch.full((B, D), float("nan"))  # overwrite_dz: what is there is ignored, rows written whole
+    kernels.segments_backward(z, W, idx, bounds, H, fresh, None, ends, overwrite_dz=True)
+    torch.testing.assert_close(fresh.double(), want_dz, rtol=1e-5, atol=1e-5)
+
+
+def test_count_positive_matches_torch(kernels):
+    """Counts of positive entries a row (zeros, -0, infinities, subnormals, NaN of either sign not
+    counted) and the NaN flag, across row blocks."""
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(70, 333, generator=g)
+    pre[0] = 0.0
+    pre[1, :5] = torch.tensor([-0.0, float("inf"), -float("inf"), 1e-40, -1e-40])
+    n_pos, has_nan = kernels.count_positive(pre)
+    assert n_pos.dtype == torch.int32 and not has_nan
+    assert torch.equal(n_pos, (pre > 0).sum(-1, dtype=torch.int32))
+    for nan in (float("nan"), -float("nan")):
+        bad = pre.clone()
+        bad[69, 332] = nan
+        n_pos, has_nan = kernels.count_positive(bad)
+        assert has_nan and torch.equal(n_pos, (bad > 0).sum(-1, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="contiguous 2-d float32"):
+        kernels.count_positive(pre.double())
 
 
 @pytest.mark.parametrize("with_ends", [False, True], ids=["all_columns", "row_ends"])

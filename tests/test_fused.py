@@ -33,11 +33,13 @@ def decode_mode(request, monkeypatch):
     return mode
 
 
-@pytest.fixture(params=["never", "always"])
-def tail(request, monkeypatch):
-    """The largest partial level from its own rank segment ("never"), or as the full level minus
-    its tail wherever that applies ("always"; the default "auto" picks one of the two)."""
-    monkeypatch.setattr(nested_topk, "TAIL_MODE", request.param)
+@pytest.fixture(params=["segments", "tail", "gathered"])
+def layout(request, monkeypatch):
+    """Each layout of the largest partial level and the full level, forced wherever it applies
+    (`nested_topk.LAYOUT`; the default "auto" picks the cheapest): level K from its own rank
+    segment, level K as the full level minus its tail, or the full level gathered as level K plus
+    its tail."""
+    monkeypatch.setattr(nested_topk, "LAYOUT", request.param)
     return request.param
 
 
@@ -91,7 +93,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("seed", [0, 1])
-def test_fused_matches_reference(case, seed, decode_mode, tail):
+def test_fused_matches_reference(case, seed, decode_mode, layout):
     fused, ref = _pair(24, 128, seed, **CASES[case])
     torch.manual_seed(100 + seed)
     with torch.no_grad():  # trained-like encoder, not W_dec^T, so that levels differ
@@ -102,14 +104,20 @@ def test_fused_matches_reference(case, seed, decode_mode, tail):
     sel = nested_selection(fused.hidden_pre(x), fused.cfg.k_list, tail_if_narrower_than=float("inf"))
     if fused.cfg.k_list[0] < 128:
         assert sel.partial and sel.partial[0] == fused.cfg.k_list[0]  # the sorted path is exercised
-    # the tail is taken wherever it applies: some level is the full one, the top segment gathered
-    applies = len(sel.partial) < len(fused.cfg.k_list) and decode_mode == "gather"
-    if tail == "always" and sel.partial and applies:
-        assert sel.tail_end > sel.partial[-1]
+    # a forced layout is taken wherever it applies: some level is the full one and (for the tail)
+    # the top segment is gathered
+    full_needed = len(sel.partial) < len(fused.cfg.k_list)
+    if layout == "tail" and sel.partial and full_needed and decode_mode == "gather":
+        assert sel.tail_end > sel.partial[-1] and not sel.full_gathered
+    if layout == "gathered" and full_needed:
+        assert sel.full_gathered and sel.tail_end == int(sel.n_pos.max())
+        assert sel.indices.shape[1] == sel.tail_end
+    if layout == "segments":
+        assert sel.tail_end == 0
     _check_same(fused, ref, x)
 
 
-def test_ties_in_pre_activations(decode_mode, tail):
+def test_ties_in_pre_activations(decode_mode, layout):
     """Duplicated encoder columns give exactly tied pre-activations with different decoder rows."""
     fused, ref = _pair(16, 64, 0, k_list=[2, 5, 8, 20, 64])
     with torch.no_grad():
@@ -122,7 +130,7 @@ def test_ties_in_pre_activations(decode_mode, tail):
     _check_same(fused, ref, x)
 
 
-def test_fewer_positive_pre_activations_than_k(decode_mode, tail):
+def test_fewer_positive_pre_activations_than_k(decode_mode, layout):
     """Rows with fewer positives than the smallest k, and rows with none at all."""
     fused, ref = _pair(16, 64, 2, k_list=[8, 16, 32, 64])
     x = torch.randn(80, 16, generator=torch.Generator().manual_seed(2))
@@ -134,6 +142,36 @@ def test_fewer_positive_pre_activations_than_k(decode_mode, tail):
     n_pos = (fused.hidden_pre(x) > 0).sum(-1)
     assert int(n_pos.min()) == 0 and int(n_pos.max()) > 8 and int((n_pos < 8).sum()) > 10
     _check_same(fused, ref, x)
+
+
+@pytest.mark.parametrize("layout_mode", ["auto", "gathered"])
+def test_nan_pre_activation_gives_a_nan_loss_in_every_layout(layout_mode, monkeypatch):
+    """A NaN pre-activation reaches the loss as the reference's does: the ranking's counts do not
+    see a NaN, so the full level is not gathered then, and its GEMM propagates it."""
+    monkeypatch.setattr(nested_topk, "LAYOUT", layout_mode)
+    fused, ref = _pair(16, 64, 0, k_list=[4, 8, 64])
+    x = torch.randn(20, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for sae in (fused, ref):
+            sae.b_enc[3] = float("nan")
+    sel = nested_selection(fused.hidden_pre(x), fused.cfg.k_list, gemm_entries=float("inf"))
+    assert not sel.full_gathered
+    assert _step(fused, x).loss.isnan() and _step(ref, x).loss.isnan()
+
+
+def test_auto_layout_gathers_the_full_level_when_its_gemms_cost_more():
+    """"auto" compares costs in gathered entries: with the GEMMs worth more than a row's positives
+    past the largest partial level, the full level is gathered; worth nothing, it is not."""
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(40, 256, generator=g) - 1.0  # about 16 % positive: about 41 a row
+    n_max = int((pre > 0).sum(-1).max())
+    k_list = [4, 16, 256]
+    cheap = nested_selection(pre, k_list, tail_if_narrower_than=float("inf"), gemm_entries=256.0)
+    assert cheap.full_gathered and cheap.tail_end == n_max and cheap.partial == [4, 16]
+    never = nested_selection(pre, k_list, tail_if_narrower_than=float("inf"), gemm_entries=0.0)
+    assert not never.full_gathered
+    one_level = nested_selection(pre, [256], gemm_entries=256.0)  # no partial level: all positives
+    assert one_level.full_gathered and one_level.partial == [] and one_level.indices.shape == (40, n_max)
 
 
 def test_selection_collapses_levels_at_or_above_the_positive_count():

@@ -14,10 +14,16 @@ GEMMs) per level. It is the oracle of the tests.
     row's positives stay in place with a zero activation: they add nothing, the ReLU stops their
     gradient, and every row keeps the same layout, so no masks are built; a row's positives come
     first, so the compiled kernels skip the rest from one count per row (`ends`).
-  * At a trained-like density a row has a few more positives than K, so the largest partial
-    level is cheaper as the full level minus its tail (ranks K to the row's last positive) than
-    as the level below plus its widest segment: `nested_selection` takes the tail when it holds
-    fewer entries (not at initialisation, where half the latents are active).
+  * Where some level is the full one, `nested_selection` picks the cheapest of three layouts
+    for the largest partial level K and the full level (the tail: ranks K to the row's last
+    positive): level K from its own rank segment and the full level by GEMM; level K as the full
+    level minus its tail (at a trained-like density a row has a few more positives than K, so
+    the tail is narrower than K's segment); or, on CPU with the compiled kernels, the full level
+    as level K plus its tail, every positive entry gathered once and no GEMM at all, which wins
+    while a row's positives past K number fewer than about a fifth of the width
+    (GATHER_FULL_FRACTION: three gathered passes cost an entry about five GEMM columns there).
+    Without a soft cap the gathered layout also skips the (B, d_sae) ReLU and its backward: the
+    kernels read only the positive entries, where z = pre.
   * `GatheredSegments` decodes a run of consecutive segments with one `embedding_bag` (one bag per
     row and segment); each level's reconstruction is the previous one plus its segment, so
     autograd hands each segment the suffix sum of the level gradients. The same function does the
@@ -63,10 +69,12 @@ class NestedSelection:
         descending sort, so every path and device selects the same segments. In a row without NaN
         with n positive pre-activations, columns [0, n) hold exactly those.
     n_pos: (B,) int32, each row's number of positive pre-activations.
-    tail_end: 0, or the batch's largest n_pos when the ranking also holds the tail of the largest
-        partial level, ranks [K, tail_end) in columns [K, tail_end) (rows with fewer positives
-        pad it with non-positive features), so that level K can be computed as the full level
-        minus its tail (`nested_selection`).
+    tail_end: 0, or the batch's largest n_pos when the ranking also holds the ranks past the
+        largest partial level K (K = 0 when there is none), [K, tail_end) in columns [K, tail_end)
+        (rows with fewer positives pad it with non-positive features): the tail of level K.
+    full_gathered: with a tail, how it is used. False: level K is computed as the full level minus
+        its tail. True: the full level is level K plus its tail, so that every positive entry is
+        gathered once and the full level needs no GEMM (`nested_selection`).
     Levels of the k-list not in `partial` equal the full ReLU level exactly.
     """
 
@@ -74,47 +82,78 @@ class NestedSelection:
     indices: torch.Tensor
     n_pos: torch.Tensor
     tail_end: int = 0
+    full_gathered: bool = False
 
 
-#: whether the largest partial level is computed as the full level minus its tail: "auto" when that
-#: gathers fewer entries than its own rank segment does (`nested_selection`), "always" where it
-#: applies, "never". Tests and benchmarks set it; training uses "auto".
-TAIL_MODE: Literal["auto", "always", "never"] = "auto"
+#: how the fused loss lays out the largest partial level K and the full level where some level of
+#: the k-list is the full one: "auto" picks the cheapest (`nested_selection`); "segments": level K
+#: from its own rank segment, the full level by GEMM; "tail": level K = the full level (GEMM) minus
+#: its tail; "gathered": the full level = level K plus its tail, no GEMM. The last two are forced
+#: only where they apply. Tests and benchmarks set it; training uses "auto".
+LAYOUT: Literal["auto", "segments", "tail", "gathered"] = "auto"
+
+#: the full level's three GEMMs (decode, activation gradient, decoder gradient) cost about as much as
+#: gathering this fraction of d_sae entries a row through the compiled CPU kernels' three passes
+#: (benchmarks/segment_kernels.py: an entry costs four to five GEMM columns; 2 cores, 768 -> 6144,
+#: batch 1024 and 4096). Where a row's positives past the largest partial level number fewer, the
+#: full level is gathered rather than multiplied.
+GATHER_FULL_FRACTION = 1 / 5
 
 
 @torch.no_grad()
-def nested_selection(hidden_pre: torch.Tensor, k_list: list[int], tail_if_narrower_than: float = 0.0
-                     ) -> NestedSelection:
-    """The shared ranking of the partial levels (`NestedSelection`).
+def nested_selection(hidden_pre: torch.Tensor, k_list: list[int], tail_if_narrower_than: float = 0.0,
+                     gemm_entries: float = 0.0) -> NestedSelection:
+    """The shared ranking of the partial levels (`NestedSelection`), and the layout of the largest
+    partial level K and the full level.
 
-    With `tail_if_narrower_than` > 0, the ranking may also hold the tail of the largest partial
-    level K (ranks K to each row's last positive), so that level K = full level - its tail. That
-    applies when some level equals the full level (its decode exists anyway) and the largest
-    partial level's own rank segment [k_prev, K) is narrower than `tail_if_narrower_than`; under
-    TAIL_MODE "auto" it is taken when the rows' tails hold at least a tenth fewer positive
-    entries than that segment does, counted per row as the kernels' `ends` do (at a trained-like
-    density, where a row has a few more positives than K, the tail is a fraction of the segment;
-    at initialisation, with half the latents active, it is about as wide). The tenth pays for the
-    longer select (ranks up to the batch's largest count) and the copy of the index columns.
+    Where some level equals the full level, three layouts compute the same math. Their costs, in
+    gathered entries, with E(a, b) the batch's positive entries of ranks [a, b), k' the level
+    below K (0 if none), n a row's positives, and the full level's GEMMs worth `gemm_entries` a
+    row (0: never gather the full level):
+      * segments: the GEMMs, and level K from its rank segment: GEMMs + E(0, K);
+      * tail: level K = the full level minus its tail [K, n): GEMMs + E(0, k') + E(K, n), plus a
+        tenth of E(k', K) for the longer select and the copy of the index columns; only where the
+        segment [k', K) is narrower than `tail_if_narrower_than` (gathered, not dense);
+      * gathered: the full level = level K plus its tail: E(0, n), no GEMMs; only where no
+        pre-activation is NaN (the GEMM propagates a NaN, the ranking's counts do not see one).
+    At a trained-like density a row has a few more positives than K, and the tail is a fraction
+    of the segment [k', K) and of the GEMMs; at initialisation (half the latents active) it is
+    about as wide as the segment. LAYOUT forces a layout where it applies.
     """
     d_sae = hidden_pre.shape[-1]
-    # int32 counts: a bool sum's default int64 result is a (B, d_sae) int64 copy, slower than the select
-    n_pos = (hidden_pre > 0).sum(dim=-1, dtype=torch.int32)
+    kernels = _kernels_for(hidden_pre, hidden_pre)
+    if kernels is not None:  # one pass, no (B, d_sae) bool tensor
+        n_pos, has_nan = kernels.count_positive(hidden_pre)
+    else:  # int32 counts: a bool sum's default int64 result is a (B, d_sae) int64 copy
+        n_pos, has_nan = (hidden_pre > 0).sum(dim=-1, dtype=torch.int32), None
     n_max = int(n_pos.max()) if hidden_pre.numel() else 0
     partial = [k for k in k_list if k < min(n_max, d_sae)]
-    if not partial:
-        empty = torch.empty(hidden_pre.shape[0], 0, dtype=torch.int32, device=hidden_pre.device)
-        return NestedSelection(partial, empty, n_pos)
-    top, below = partial[-1], (partial[-2] if len(partial) > 1 else 0)
-    tail_end = 0
-    if TAIL_MODE != "never" and len(partial) < len(k_list) and top - below < tail_if_narrower_than:
-        # positive entries, counted per row: the kernels skip the rest (`ends`)
-        tail_entries = int((n_pos - top).clamp_min(0).sum(dtype=torch.int64))
-        segment_entries = int((n_pos - below).clamp(0, top - below).sum(dtype=torch.int64))
-        if TAIL_MODE == "always" or tail_entries < 0.9 * segment_entries:
-            tail_end = n_max
-    indices = rank_segments(hidden_pre, selection_bounds(partial, tail_end))
-    return NestedSelection(partial, indices, n_pos, tail_end)
+    top, below = (partial[-1], partial[-2] if len(partial) > 1 else 0) if partial else (0, 0)
+    full_needed = len(partial) < len(k_list) and n_max > 0
+    can_tail = bool(partial) and full_needed and top - below < tail_if_narrower_than
+    can_gather = full_needed and (gemm_entries > 0 or LAYOUT == "gathered")
+    if can_gather:
+        can_gather = not (bool(hidden_pre.isnan().any()) if has_nan is None else has_nan)
+    layout = "segments"
+    if LAYOUT in ("tail", "gathered"):
+        layout = LAYOUT if {"tail": can_tail, "gathered": can_gather}[LAYOUT] else "segments"
+    elif LAYOUT == "auto" and (can_tail or can_gather):
+        tail = int((n_pos - top).clamp_min(0).sum(dtype=torch.int64))  # counted per row, as `ends` does
+        segment = int((n_pos - below).clamp(0, top - below).sum(dtype=torch.int64))
+        gemms = gemm_entries * hidden_pre.shape[0]
+        cost = {"segments": gemms + segment}
+        if can_tail:
+            cost["tail"] = gemms + tail + 0.1 * segment
+        if can_gather:
+            cost["gathered"] = segment + tail
+        layout = min(cost, key=cost.__getitem__)
+    if layout == "segments":
+        if not partial:
+            empty = torch.empty(hidden_pre.shape[0], 0, dtype=torch.int32, device=hidden_pre.device)
+            return NestedSelection(partial, empty, n_pos)
+        return NestedSelection(partial, rank_segments(hidden_pre, selection_bounds(partial, 0)), n_pos)
+    indices = rank_segments(hidden_pre, selection_bounds(partial, n_max))
+    return NestedSelection(partial, indices, n_pos, n_max, full_gathered=layout == "gathered")
 
 
 def selection_bounds(partial: list[int], tail_end: int) -> list[int]:
@@ -323,14 +362,16 @@ class GatheredSegments(torch.autograd.Function):
         """Add the segments' terms to dz and dW in place (each created as zeros when absent)."""
         B, D = z.shape
         want_z, want_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dz = torch.zeros_like(z) if want_z and dz is None else dz
         dW = torch.zeros_like(W) if want_W and dW is None else dW
         dY = dY.contiguous()
         bounds = ctx.bounds
         kernels = _kernels_for(z, W)
-        if kernels is not None:
-            kernels.segments_backward(z, W, idx, list(bounds), dY, dz, dW, ends)
+        if kernels is not None:  # a new dz is written whole by the kernel: no zero fill first
+            new_dz = want_z and dz is None
+            dz = torch.empty_like(z) if new_dz else dz
+            kernels.segments_backward(z, W, idx, list(bounds), dY, dz, dW, ends, overwrite_dz=new_dz)
             return dz, dW
+        dz = torch.zeros_like(z) if want_z and dz is None else dz
         narrow = []  # (segment, first column, end column) of the segments taken feature-major
         for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
             if hi - lo <= DENSE_SEGMENT_FRACTION * D:
@@ -374,9 +415,12 @@ class GatheredSegments(torch.autograd.Function):
 
 def piece_ranges(sel: NestedSelection) -> list[tuple[int, int]]:
     """The fused loss's pieces as column ranges of the ranking: the rank segments [k_{s-1}, k_s),
-    the last one replaced by the tail [K, tail_end) when level K is the full level minus its tail."""
+    then the tail [K, tail_end): after them when the full level is gathered, in place of the last
+    segment when level K is the full level minus its tail."""
     ranges = list(zip([0, *sel.partial[:-1]], sel.partial))
-    if sel.tail_end:
+    if sel.full_gathered:
+        ranges.append((sel.partial[-1] if sel.partial else 0, sel.tail_end))
+    elif sel.tail_end:
         ranges[-1] = (sel.partial[-1], sel.tail_end)
     return ranges
 
@@ -449,16 +493,26 @@ def nested_topk_loss_fused(
     if hidden_pre.dtype in (torch.float16, torch.bfloat16):
         hidden_pre = hidden_pre.float()
     x = x.to(hidden_pre.dtype)
-    dense_from = dense_decode_fraction(hidden_pre.device.type) * W_dec.shape[0]
-    # the tail only where the full level's decode is float32 (level K inherits its rounding)
-    tail_below = dense_from if autocast_dtype(hidden_pre.device.type) is None else 0.0
-    sel = nested_selection(hidden_pre, k_list, tail_if_narrower_than=tail_below)
-    z = soft_cap(hidden_pre.relu(), cap)
+    device = hidden_pre.device.type
+    dense_from = dense_decode_fraction(device) * W_dec.shape[0]
+    # the tail and the gathered full level only without autocast: level K would inherit the bf16
+    # GEMM's rounding, and a gathered full level would not have the rounding autocast asks for
+    exact = autocast_dtype(device) is None
+    kernels = _kernels_for(hidden_pre, W_dec) is not None
+    sel = nested_selection(hidden_pre, k_list, tail_if_narrower_than=dense_from if exact else 0.0,
+                           gemm_entries=GATHER_FULL_FRACTION * W_dec.shape[0] if exact and kernels else 0.0)
+    segments = piece_ranges(sel)
+    if sel.full_gathered and cap is None and kernels and all(b - a < dense_from for a, b in segments):
+        # every positive entry is gathered, and the kernels read only those (`ends`), where z = pre:
+        # the segments take the pre-activations themselves, and no (B, d_sae) ReLU, nor its
+        # backward, is needed (the gradient is zero off the entries, as the ReLU would make it)
+        z = hidden_pre
+    else:
+        z = soft_cap(hidden_pre.relu(), cap)
     need_full = any(k not in sel.partial for k in k_list)
     full_out = None
     partial_out: dict[int, torch.Tensor] = {}
-    if sel.partial:
-        segments = piece_ranges(sel)
+    if segments:
         pieces: list[torch.Tensor] = []  # each range's decode, in order
         j = 0
         while j < len(segments):
@@ -473,18 +527,21 @@ def nested_topk_loss_fused(
             while end < len(segments) and segments[end][1] - segments[end][0] < dense_from:
                 end += 1
             idx, bounds, ends = gathered_run(sel, segments[j:end])
-            with_full = need_full and full_out is None  # the first run also does the full GEMM
+            # the first run also does the full GEMM, unless the full level is gathered
+            with_full = need_full and full_out is None and not sel.full_gathered
             full, Y = GatheredSegments.apply(z, W_dec, idx, bounds, with_full, ends)
             if with_full:
                 full_out = full + b_dec
             pieces.extend(Y.unbind(1))
             j = end
         recon = b_dec.to(z.dtype)
-        prefix_levels = sel.partial[:-1] if sel.tail_end else sel.partial
+        prefix_levels = sel.partial[:-1] if sel.tail_end and not sel.full_gathered else sel.partial
         for k, piece in zip(prefix_levels, pieces):  # level k = level before + its rank segment
             recon = recon + piece
             partial_out[k] = recon
-        if sel.tail_end:  # level K = the full level - its tail
+        if sel.full_gathered:  # the full level = level K + its tail
+            full_out = recon + pieces[-1]
+        elif sel.tail_end:  # level K = the full level - its tail
             partial_out[sel.partial[-1]] = full_out - pieces[-1]
     if need_full and full_out is None:
         full_out = (z @ W_dec + b_dec).to(z.dtype)

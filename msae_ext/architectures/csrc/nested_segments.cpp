@@ -17,6 +17,9 @@
 // so that the indices and activations read once per chunk stay in L3 at any batch size. Besides
 // the columns past `ends`, an entry whose activation is zero is skipped by the dW pass; dz is
 // computed for every other entry (the ReLU that made a zero stops it).
+//
+// Also here: `nested_select` (the rank segments of each row, without a sort) and `count_positive`
+// (each row's positive entries and a NaN flag, which decide the fused loss's layout).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -26,8 +29,10 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -250,11 +255,13 @@ torch::Tensor segments_forward(const torch::Tensor& z, const torch::Tensor& W, c
   return Y;
 }
 
-// Adds the segments' terms into dz (B, D) and dW (D, d) in place; either may be None.
+// Adds the segments' terms into dz (B, D) and dW (D, d) in place; either may be None. With
+// `overwrite_dz`, dz's prior contents are ignored: each row is written whole, zero outside its
+// entries (one pass over dz instead of a zero fill and then the scatter).
 void segments_backward(const torch::Tensor& z, const torch::Tensor& W, const torch::Tensor& idx,
                        const std::vector<int64_t>& bounds, const torch::Tensor& H,
                        const c10::optional<torch::Tensor>& dz, const c10::optional<torch::Tensor>& dW,
-                       const c10::optional<torch::Tensor>& ends) {
+                       const c10::optional<torch::Tensor>& ends, bool overwrite_dz) {
   const Shape n = check(z, W, idx, bounds);
   const auto end = row_ends(ends, n);
   TORCH_CHECK(H.scalar_type() == torch::kFloat && H.is_contiguous() && H.dim() == 3 && H.size(0) == n.B &&
@@ -315,6 +322,7 @@ void segments_backward(const torch::Tensor& z, const torch::Tensor& W, const tor
           const int32_t* ib = ip + b * n.K;
           const float* eb = E.data() + (b - r0) * n.K;
           float* gb = g + b * n.D;
+          if (overwrite_dz) std::fill_n(gb, n.D, 0.f);
           for (int64_t j = 0; j < end[b]; ++j) gb[ib[j]] += eb[j];
         }
       });
@@ -336,6 +344,35 @@ inline uint32_t float_bits(const float* p) {  // a memcpy, which compiles to a p
   uint32_t u;
   std::memcpy(&u, p, 4);
   return u;
+}
+
+// (n_pos, has_nan): each row's number of positive entries of pre (B, D) as (B,) int32, and whether
+// any entry is NaN. One pass, without the (B, D) bool tensor that `(pre > 0).sum(-1)` builds.
+std::tuple<torch::Tensor, bool> count_positive(const torch::Tensor& pre) {
+  TORCH_CHECK(pre.device().is_cpu() && pre.scalar_type() == torch::kFloat && pre.dim() == 2 && pre.is_contiguous(),
+              "count_positive: a contiguous 2-d float32 CPU tensor expected");
+  const int64_t B = pre.size(0), D = pre.size(1);
+  TORCH_CHECK(D < (int64_t(1) << 31), "count_positive: at most 2^31 - 1 latents");
+  auto n_pos = torch::empty({B}, pre.options().dtype(torch::kInt));
+  const float* pp = pre.data_ptr<float>();
+  int32_t* np = n_pos.data_ptr<int32_t>();
+  std::atomic<bool> nan{false};
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    uint32_t any = 0;
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* row = pp + b * D;
+      int32_t count = 0;
+      uint32_t row_nan = 0;
+      for (int64_t f = 0; f < D; ++f) {  // branch-free, so that it vectorises
+        count += row[f] > 0.f;
+        row_nan |= (float_bits(row + f) & 0x7fffffffu) > 0x7f800000u;
+      }
+      np[b] = count;
+      any |= row_nan;
+    }
+    if (any) nan = true;
+  });
+  return {n_pos, nan.load()};
 }
 
 constexpr int64_t SELECT_BUCKETS = 2048;
@@ -457,5 +494,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("W"), py::arg("idx"), py::arg("bounds"), py::arg("ends") = py::none());
   m.def("segments_backward", &segments_backward, "add the segments' terms to dz and dW in place", py::arg("z"),
         py::arg("W"), py::arg("idx"), py::arg("bounds"), py::arg("H"), py::arg("dz"), py::arg("dW"),
-        py::arg("ends") = py::none());
+        py::arg("ends") = py::none(), py::arg("overwrite_dz") = false);
+  m.def("count_positive", &count_positive, "each row's number of positive entries, and whether any is NaN");
 }
