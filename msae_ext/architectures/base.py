@@ -52,15 +52,18 @@ class CenteredEncode(torch.autograd.Function):
     Autograd would give b_dec its gradient through xc: a (B, d_in) GEMM dpre W_enc^T, summed over
     the batch afterwards (a sixth GEMM in a step that needs five). Summing first is the same math:
         d b_dec = -(sum_b dpre_b) W_enc^T,   d W_enc = xc^T dpre,   d b_enc = sum_b dpre_b
-    one vector-matrix product instead of the GEMM. The forward is the caller's expression,
-    unchanged; the GEMMs follow the caller's autocast, in forward and in backward.
+    one vector-matrix product instead of the GEMM. The forward is the caller's expression; without
+    autocast it is one addmm (the bias added inside the GEMM, not in a second (B, d_sae) pass).
+    The GEMMs follow the caller's autocast, in forward and in backward.
     """
 
     @staticmethod
     def forward(ctx, xc, b_dec, W_enc, b_enc):  # type: ignore[override]
         ctx.autocast = autocast_dtype(xc.device.type)
         ctx.save_for_backward(xc, W_enc)
-        return xc @ W_enc + b_enc
+        if ctx.autocast is None:
+            return torch.addmm(b_enc, xc, W_enc)
+        return xc @ W_enc + b_enc  # a bf16 GEMM, the bias added in float32
 
     @staticmethod
     def backward(ctx, d_pre):  # type: ignore[override]
