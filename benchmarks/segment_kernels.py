@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
                        loss_ms(x, pre, W, k_list, t, args.repeats)) for t in LAYOUTS}
                   for _ in range(args.rounds)]
         gemm_rate = args.batch * d_sae * d_in / statistics.median(r[t][0]["gemm"] for r in rounds for t in r)
-        print(f"{'layout':<10}{'pieces':<46}{'entries':>8}{'select':>8}{'decode':>8}{'dz':>8}{'dW':>8}"
+        print(f"{'layout':<10}{'pieces':<58}{'entries':>8}{'select':>8}{'decode':>8}{'dz':>8}{'dW':>8}"
               f"{'loss f+b':>10}   pass throughput / GEMM's (decode, dz, dW)")
         for t in LAYOUTS:
             sel = runs[t][3]
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
             macs = args.batch * med["entries"] * d_in
             rates = " ".join(f"{macs / med[key] / gemm_rate:.2f}" for key in ("decode", "dz", "dW"))
             pieces = " ".join(f"{a}:{b}" for a, b in piece_ranges(sel))
-            print(f"{t:<10}{pieces:<46}{med['entries']:>8.0f}{med['select']:>8.1f}{med['decode']:>8.1f}"
+            print(f"{t:<10}{pieces:<58}{med['entries']:>8.0f}{med['select']:>8.1f}{med['decode']:>8.1f}"
                   f"{med['dz']:>8.1f}{med['dW']:>8.1f}{loss:>10.1f}   {rates}")
         gemm_ms = statistics.median(r[t][0]["gemm"] for r in rounds for t in r)
         picked = "gathered" if auto.full_gathered else ("tail" if auto.tail_end else "segments")

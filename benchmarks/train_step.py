@@ -10,7 +10,8 @@ is that step's own:
     msae_naive      the same loss with one dense decode per level (the reference oracle, which
                     shares our one sort so that ties resolve identically)
     msae_authors    the authors' algorithm: one top-k and one dense decode per level
-    msae_1level     our MSAE with the full level only: the memory floor of any MSAE step
+    msae_1level     our MSAE with the full level only (gathered or one GEMM, chosen as in the
+                    fused step): the step without partial levels, to measure their extra memory
     topk_k64        sae-lens TopKTrainingSAE, k=64
     matryoshka_btk  sae-lens MatryoshkaBatchTopKTrainingSAE, k=64, widths = the MSAE k-list
     relu            our ReLU SAE (L1)
