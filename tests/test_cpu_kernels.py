@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from msae_ext.architectures import cpu_kernels, nested_topk
-from msae_ext.architectures.nested_topk import GatheredSegments, rank_segments
+from msae_ext.architectures.nested_topk import GatheredSegments, LevelChain, rank_segments
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +190,62 @@ def test_kernels_name_bad_input(kernels):
         kernels.segments_forward(z, W, idx, [0, 5], torch.zeros(3, dtype=torch.int32))
     with pytest.raises(RuntimeError, match="ends must be"):
         kernels.segments_backward(z, W, idx, [0, 5], torch.zeros(4, 1, 8), None, None, torch.zeros(4))
+
+
+def _chain_by_ops(Y, base, x):
+    """The chain LevelChain replaces, as the fused loss wrote it: a (B, d) op per level."""
+    recon, recons, errors = base, [], []
+    for piece in Y.unbind(1):
+        recon = recon + piece
+        recons.append(recon)
+        errors.append((recon - x).pow(2).sum(-1))
+    return torch.stack(recons, 1), torch.stack(errors, 1)
+
+
+# d = 19: two blocks of eight and a remainder; 130 rows: three blocks of the backward's base sums
+@pytest.mark.parametrize("shape", [(130, 5, 19), (3, 1, 8), (1, 4, 3)], ids=["remainder", "one_piece", "narrow"])
+@pytest.mark.parametrize("use", ["both", "errors", "reconstructions"])
+def test_level_chain_matches_the_ops(kernels, shape, use):
+    """Values and the gradients of the pieces, the base and the target against float64 ops, with
+    the gradient flowing from the errors, the reconstructions (the outputs), or both."""
+    B, S, d = shape
+    g = torch.Generator().manual_seed(B + S + d)
+    Y, base, x = torch.randn(B, S, d, generator=g), torch.randn(d, generator=g), torch.randn(B, d, generator=g)
+    wP, wE = torch.randn(B, S, d, generator=g), torch.rand(B, S, generator=g)
+
+    def objective(P, E):  # a term left out sends no gradient (None), not zeros
+        terms = [(wE.to(E.dtype) * E).sum()] if use != "reconstructions" else []
+        return sum(terms + ([(wP.to(P.dtype) * P).sum()] if use != "errors" else []))
+
+    leaves = [t.clone().requires_grad_() for t in (Y, base, x)]
+    P, E = LevelChain.apply(*leaves)
+    grads = torch.autograd.grad(objective(P, E), leaves)
+    want_leaves = [t.double().requires_grad_() for t in (Y, base, x)]
+    P64, E64 = _chain_by_ops(*want_leaves)
+    want = torch.autograd.grad(objective(P64, E64), want_leaves, allow_unused=True)
+    want = [torch.zeros_like(t) if w is None else w for w, t in zip(want, want_leaves)]  # x unused: zero
+    torch.testing.assert_close(P, P64.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(E, E64.float(), rtol=1e-5, atol=1e-5)
+    for got, w, name in zip(grads, want, ("pieces", "base", "target")):
+        torch.testing.assert_close(got, w.float(), rtol=1e-5, atol=1e-4, msg=name)
+    leaves[2].requires_grad_(False)  # no target gradient asked: none computed
+    P, E = LevelChain.apply(*leaves[:2], leaves[2].detach())
+    dY, d_base = torch.autograd.grad(objective(P, E), leaves[:2])
+    torch.testing.assert_close(dY, want[0].float(), rtol=1e-5, atol=1e-4)
+
+
+def test_level_chain_names_bad_input(kernels):
+    Y, base, x = torch.zeros(4, 3, 8), torch.zeros(8), torch.zeros(4, 8)
+    with pytest.raises(RuntimeError, match=r"pieces \(B, S, d\)"):
+        kernels.level_chain_forward(Y.double(), base, x)
+    with pytest.raises(RuntimeError, match="base of 8 entries"):
+        kernels.level_chain_forward(Y, torch.zeros(7), x)
+    with pytest.raises(RuntimeError, match=r"target of shape \(4, 8\)"):
+        kernels.level_chain_forward(Y, base, torch.zeros(5, 8))
+    with pytest.raises(RuntimeError, match=r"errors \(B, S\)"):
+        kernels.level_chain_backward(Y, x, None, torch.zeros(4, 2), False)
+    with pytest.raises(RuntimeError, match="reconstructions shaped like them"):
+        kernels.level_chain_backward(Y, x, torch.zeros(4, 3, 7), torch.zeros(4, 3), False)
 
 
 def test_a_failed_build_warns_and_falls_back(monkeypatch):

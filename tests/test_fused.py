@@ -159,6 +159,34 @@ def test_nan_pre_activation_gives_a_nan_loss_in_every_layout(layout_mode, monkey
     assert _step(fused, x).loss.isnan() and _step(ref, x).loss.isnan()
 
 
+@pytest.mark.parametrize("layout_mode", ["segments", "tail", "gathered"])
+def test_level_chain_takes_a_run_that_is_the_whole_chain(layout_mode, monkeypatch):
+    """With the compiled kernels, the levels' reconstructions and errors come from `LevelChain`
+    where one gathered run is the whole chain of levels (segments; gathered), and from per-level
+    ops where level K is the full level minus its tail; loss and gradients match the reference
+    either way. Without the kernels the chain is not used."""
+    from msae_ext.architectures import cpu_kernels
+
+    if cpu_kernels.segment_kernels() is None:
+        pytest.skip("the compiled CPU kernels are off or not buildable here")
+    monkeypatch.setitem(nested_topk.DENSE_DECODE_FRACTION, ("cpu", False), float("inf"))
+    monkeypatch.setattr(nested_topk, "LAYOUT", layout_mode)
+    calls = []
+    apply = nested_topk.LevelChain.apply
+    monkeypatch.setattr(nested_topk.LevelChain, "apply", lambda *args: calls.append(1) or apply(*args))
+    fused, ref = _pair(24, 128, 0, k_list=[4, 8, 16, 32, 128], recon_loss="nmse")
+    with torch.no_grad():
+        for sae in (fused, ref):
+            sae.b_enc.fill_(-0.05)  # a few more positives than 32 a row: the tail is narrower than [16, 32)
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(5))
+    _check_same(fused, ref, x)
+    assert len(calls) == (layout_mode != "tail")
+    monkeypatch.setenv("MSAE_CPU_KERNELS", "0")
+    fused.zero_grad(), ref.zero_grad()
+    _check_same(fused, ref, x)
+    assert len(calls) == (layout_mode != "tail")
+
+
 def test_auto_layout_gathers_the_full_level_when_its_gemms_cost_more():
     """"auto" compares costs in gathered entries: with the GEMMs worth more than a row's positives
     past the largest partial level, the full level is gathered; worth nothing, it is not."""

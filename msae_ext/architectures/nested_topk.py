@@ -35,7 +35,10 @@ GEMMs) per level. It is the oracle of the tests.
   * On CPU in float32 the segments' forward and backward and the selection run as compiled
     kernels (cpu_kernels.py, csrc/nested_segments.cpp: column chunks of the decoder kept in L2,
     AVX2 where available; a select per row instead of a sort), built on first use; where they do
-    not build, the PyTorch path above computes the same values.
+    not build, the PyTorch path above computes the same values. Where one gathered run is the
+    whole chain of levels (no level K = full - tail), `LevelChain` does the chain's adds and
+    squared errors a row at a time and writes the suffix sums of the level gradients straight
+    into one gradient of the run (no (B, d_in) op per level, no stack of per-piece gradients).
   * Segments at least DENSE_DECODE_FRACTION of d_sae wide (on a GPU) are decoded by
     `DenseSegmentDecode` instead: a scatter into one (B, d_sae) buffer and GEMMs (tensor cores beat
     gathers there); the buffer is rebuilt in backward rather than kept.
@@ -413,6 +416,51 @@ class GatheredSegments(torch.autograd.Function):
         return dz, dW
 
 
+class LevelChain(torch.autograd.Function):
+    """The levels' reconstructions from a run of decoded pieces Y (B, S, d_in), and their squared
+    errors, by the compiled CPU kernels:
+
+        P[:, s] = base + sum_{s' <= s} Y[:, s'],    E[:, s] = ||P[:, s] - x||^2  (per row)
+
+    The same math as the chain `recon = recon + piece` with `(recon - x).pow(2).sum(-1)` per level,
+    whose backward hands piece s the suffix sum of the gradients of the levels from s on. Here one
+    pass over a row does a level's add and error in cache, and the backward writes those suffix
+    sums straight into one (B, S, d_in) gradient: no (B, d_in) tensor op per level, and no stack of
+    the pieces' gradients. Kept for backward: P (the levels' outputs, which the chain keeps too)."""
+
+    @staticmethod
+    def forward(ctx, Y, base, x):  # type: ignore[override]
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros
+        P, E = cpu_kernels.segment_kernels().level_chain_forward(Y, base, x)
+        ctx.save_for_backward(P, x)
+        return P, E
+
+    @staticmethod
+    def backward(ctx, dP, dE):  # type: ignore[override]
+        P, x = ctx.saved_tensors
+        dE = P.new_zeros(P.shape[:2]) if dE is None else dE.contiguous()
+        dP = None if dP is None else dP.contiguous()
+        dY, d_base, dx = cpu_kernels.segment_kernels().level_chain_backward(P, x, dP, dE, ctx.needs_input_grad[2])
+        return dY, d_base if ctx.needs_input_grad[1] else None, dx if ctx.needs_input_grad[2] else None
+
+
+def _chain_kernels_for(Y: torch.Tensor, base: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether `LevelChain` applies: the compiled kernels, and contiguous float32 CPU operands."""
+    tensors = (Y, base, x)
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+        return False
+    return base.dim() == 1 and cpu_kernels.segment_kernels() is not None
+
+
+def _level_errors(errors: torch.Tensor, x: torch.Tensor, kind: Literal["mse", "nmse"]) -> list[torch.Tensor]:
+    """Each level's batch-mean loss from its per-row squared errors (B, S), as `reconstruction_loss`."""
+    if kind not in ("mse", "nmse"):
+        raise ValueError(f"unknown recon_loss {kind!r}; expected 'mse' or 'nmse'")
+    if kind == "nmse":
+        errors = errors / x.pow(2).sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    return list(errors.mean(dim=0).unbind())
+
+
 def piece_ranges(sel: NestedSelection) -> list[tuple[int, int]]:
     """The fused loss's pieces as column ranges of the ranking: the rank segments [k_{s-1}, k_s),
     then the tail [K, tail_end): after them when the full level is gathered, in place of the last
@@ -510,10 +558,13 @@ def nested_topk_loss_fused(
     else:
         z = soft_cap(hidden_pre.relu(), cap)
     need_full = any(k not in sel.partial for k in k_list)
-    full_out = None
+    full_out = full_loss = None
     partial_out: dict[int, torch.Tensor] = {}
+    partial_loss: dict[int, torch.Tensor] = {}
+    prefix_levels = sel.partial[:-1] if sel.tail_end and not sel.full_gathered else sel.partial
     if segments:
         pieces: list[torch.Tensor] = []  # each range's decode, in order
+        chain = None  # the (B, S, d_in) decodes when one gathered run is the whole chain of levels
         j = 0
         while j < len(segments):
             lo, k = segments[j]
@@ -532,22 +583,35 @@ def nested_topk_loss_fused(
             full, Y = GatheredSegments.apply(z, W_dec, idx, bounds, with_full, ends)
             if with_full:
                 full_out = full + b_dec
-            pieces.extend(Y.unbind(1))
+            if j == 0 and end == len(segments) and _chain_kernels_for(Y, b_dec, x) and \
+                    not (sel.tail_end and not sel.full_gathered):
+                chain = Y  # every piece is a step of the chain (no level K = full - tail)
+            else:
+                pieces.extend(Y.unbind(1))
             j = end
-        recon = b_dec.to(z.dtype)
-        prefix_levels = sel.partial[:-1] if sel.tail_end and not sel.full_gathered else sel.partial
-        for k, piece in zip(prefix_levels, pieces):  # level k = level before + its rank segment
-            recon = recon + piece
-            partial_out[k] = recon
-        if sel.full_gathered:  # the full level = level K + its tail
-            full_out = recon + pieces[-1]
-        elif sel.tail_end:  # level K = the full level - its tail
-            partial_out[sel.partial[-1]] = full_out - pieces[-1]
+        if chain is not None:  # the chain below in one compiled pass a row (`LevelChain`)
+            recons, errors = LevelChain.apply(chain, b_dec, x)
+            level_errors = _level_errors(errors, x, recon_loss)
+            for s, k in enumerate(prefix_levels):
+                partial_out[k], partial_loss[k] = recons[:, s], level_errors[s]
+            if sel.full_gathered:
+                full_out, full_loss = recons[:, -1], level_errors[-1]
+        else:
+            recon = b_dec.to(z.dtype)
+            for k, piece in zip(prefix_levels, pieces):  # level k = level before + its rank segment
+                recon = recon + piece
+                partial_out[k] = recon
+            if sel.full_gathered:  # the full level = level K + its tail
+                full_out = recon + pieces[-1]
+            elif sel.tail_end:  # level K = the full level - its tail
+                partial_out[sel.partial[-1]] = full_out - pieces[-1]
     if need_full and full_out is None:
         full_out = (z @ W_dec + b_dec).to(z.dtype)
 
     outputs = [partial_out[k] if k in partial_out else full_out for k in k_list]
-    full_loss = reconstruction_loss(full_out, x, recon_loss) if full_out is not None else None
-    level_losses = [reconstruction_loss(partial_out[k], x, recon_loss) if k in partial_out else full_loss
-                    for k in k_list]
+    if full_loss is None and full_out is not None:
+        full_loss = reconstruction_loss(full_out, x, recon_loss)
+    for k in partial_out.keys() - partial_loss.keys():
+        partial_loss[k] = reconstruction_loss(partial_out[k], x, recon_loss)
+    level_losses = [partial_loss[k] if k in partial_loss else full_loss for k in k_list]
     return _combine(level_losses, alphas, normalize_by_alpha_sum), level_losses, outputs  # type: ignore[return-value]

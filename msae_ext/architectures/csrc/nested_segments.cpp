@@ -18,8 +18,10 @@
 // the columns past `ends`, an entry whose activation is zero is skipped by the dW pass; dz is
 // computed for every other entry (the ReLU that made a zero stops it).
 //
-// Also here: `nested_select` (the rank segments of each row, without a sort) and `count_positive`
-// (each row's positive entries and a NaN flag, which decide the fused loss's layout).
+// Also here: `nested_select` (the rank segments of each row, without a sort), `count_positive`
+// (each row's positive entries and a NaN flag, which decide the fused loss's layout) and
+// `level_chain_forward` / `_backward` (the levels' reconstructions and squared errors from the
+// decoded pieces, and their gradients, a row at a time).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -488,6 +490,122 @@ torch::Tensor nested_select(const torch::Tensor& pre, const std::vector<int64_t>
   return idx;
 }
 
+// The fused loss's chain of level reconstructions over a run of pieces Y (B, S, d), from `base` (d):
+//   P[b, s] = base + sum_{s' <= s} Y[b, s'],   E[b, s] = |P[b, s] - x[b]|^2
+// one pass over a row, in cache, instead of a (B, d) tensor op per level and step of the chain.
+std::tuple<torch::Tensor, torch::Tensor> level_chain_forward(const torch::Tensor& Y, const torch::Tensor& base,
+                                                             const torch::Tensor& x) {
+  TORCH_CHECK(Y.device().is_cpu() && Y.scalar_type() == torch::kFloat && Y.dim() == 3 && Y.is_contiguous(),
+              "level_chain: a contiguous float32 CPU tensor of pieces (B, S, d) expected");
+  const int64_t B = Y.size(0), S = Y.size(1), d = Y.size(2);
+  TORCH_CHECK(base.device().is_cpu() && base.scalar_type() == torch::kFloat && base.dim() == 1 &&
+                  base.size(0) == d && base.is_contiguous(),
+              "level_chain: a contiguous float32 base of ", d, " entries expected");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.dim() == 2 && x.size(0) == B &&
+                  x.size(1) == d && x.is_contiguous(),
+              "level_chain: a contiguous float32 target of shape (", B, ", ", d, ") expected");
+  auto P = torch::empty_like(Y);
+  auto E = torch::empty({B, S}, Y.options());
+  const float *yp = Y.data_ptr<float>(), *bp = base.data_ptr<float>(), *xp = x.data_ptr<float>();
+  float *pp = P.data_ptr<float>(), *ep = E.data_ptr<float>();
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    std::vector<float> acc(d);
+    for (int64_t b = b0; b < b1; ++b) {
+      std::copy_n(bp, d, acc.data());
+      const float* xb = xp + b * d;
+      for (int64_t s = 0; s < S; ++s) {
+        const float* y = yp + (b * S + s) * d;
+        float* p = pp + (b * S + s) * d;
+        float lane[8] = {};  // eight partial sums: the reduction vectorises without reassociation flags
+        int64_t k = 0;
+        for (; k + 8 <= d; k += 8) {
+          for (int l = 0; l < 8; ++l) {
+            const float a = acc[k + l] + y[k + l];
+            const float r = a - xb[k + l];
+            acc[k + l] = a;
+            p[k + l] = a;
+            lane[l] += r * r;
+          }
+        }
+        for (; k < d; ++k) {
+          acc[k] += y[k];
+          p[k] = acc[k];
+          const float r = acc[k] - xb[k];
+          lane[0] += r * r;
+        }
+        ep[b * S + s] = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+      }
+    }
+  });
+  return {P, E};
+}
+
+constexpr int64_t CHAIN_ROWS = 64;  // rows per partial sum of d_base: a fixed order, whatever the threads
+
+// The chain's backward, given dP (B, S, d) or None and dE (B, S): with g[b, s] = dP[b, s] + 2 dE[b, s] (P[b, s] - x[b]),
+//   dY[b, s] = sum_{s' >= s} g[b, s'],   d_base = sum_b dY[b, 0],   dx[b] = -sum_s 2 dE[b, s] (P[b, s] - x[b])
+// (dx only when asked; an undefined tensor otherwise).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> level_chain_backward(
+    const torch::Tensor& P, const torch::Tensor& x, const c10::optional<torch::Tensor>& dP, const torch::Tensor& dE,
+    bool want_x) {
+  TORCH_CHECK(P.device().is_cpu() && P.scalar_type() == torch::kFloat && P.dim() == 3 && P.is_contiguous(),
+              "level_chain: contiguous float32 reconstructions (B, S, d) expected");
+  const int64_t B = P.size(0), S = P.size(1), d = P.size(2);
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.size(0) == B && x.size(1) == d && x.is_contiguous(),
+              "level_chain: a contiguous float32 target shaped like one level expected");
+  TORCH_CHECK(dE.scalar_type() == torch::kFloat && dE.dim() == 2 && dE.size(0) == B && dE.size(1) == S &&
+                  dE.is_contiguous(),
+              "level_chain: a contiguous float32 gradient of the errors (B, S) expected");
+  const bool has_dP = dP.has_value() && dP->defined();
+  if (has_dP)
+    TORCH_CHECK(dP->sizes() == P.sizes() && dP->scalar_type() == torch::kFloat && dP->is_contiguous(),
+                "level_chain: a contiguous float32 gradient of the reconstructions shaped like them expected");
+  auto dY = torch::empty_like(P);
+  auto dx = want_x ? torch::empty_like(x) : torch::Tensor();
+  const int64_t blocks = (B + CHAIN_ROWS - 1) / CHAIN_ROWS;
+  auto partial = torch::zeros({blocks, d}, P.options());
+  const float *pp = P.data_ptr<float>(), *xp = x.data_ptr<float>(), *ep = dE.data_ptr<float>();
+  const float* gp = has_dP ? dP->data_ptr<float>() : nullptr;
+  float *yp = dY.data_ptr<float>(), *qp = partial.data_ptr<float>();
+  float* xg = want_x ? dx.data_ptr<float>() : nullptr;
+  at::parallel_for(0, blocks, 1, [&](int64_t q0, int64_t q1) {
+    std::vector<float> acc(d), xacc(d);
+    for (int64_t q = q0; q < q1; ++q) {
+      float* part = qp + q * d;
+      for (int64_t b = q * CHAIN_ROWS; b < std::min(B, (q + 1) * CHAIN_ROWS); ++b) {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        std::fill(xacc.begin(), xacc.end(), 0.f);
+        const float* xb = xp + b * d;
+        for (int64_t s = S - 1; s >= 0; --s) {
+          const float c = 2.f * ep[b * S + s];
+          const float* p = pp + (b * S + s) * d;
+          const float* g = gp ? gp + (b * S + s) * d : nullptr;
+          float* y = yp + (b * S + s) * d;
+          if (g) {
+            for (int64_t k = 0; k < d; ++k) {
+              const float e = c * (p[k] - xb[k]);
+              xacc[k] += e;
+              acc[k] += e + g[k];
+              y[k] = acc[k];
+            }
+          } else {
+            for (int64_t k = 0; k < d; ++k) {
+              const float e = c * (p[k] - xb[k]);
+              xacc[k] += e;
+              acc[k] += e;
+              y[k] = acc[k];
+            }
+          }
+        }
+        for (int64_t k = 0; k < d; ++k) part[k] += acc[k];
+        if (xg)
+          for (int64_t k = 0; k < d; ++k) xg[b * d + k] = -xacc[k];
+      }
+    }
+  });
+  return {dY, partial.sum(0), dx};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nested_select", &nested_select, "rank segments of each row");
   m.def("segments_forward", &segments_forward, "Y[b, s] = sum over segment s of z[b, f] W[f]", py::arg("z"),
@@ -496,4 +614,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("W"), py::arg("idx"), py::arg("bounds"), py::arg("H"), py::arg("dz"), py::arg("dW"),
         py::arg("ends") = py::none(), py::arg("overwrite_dz") = false);
   m.def("count_positive", &count_positive, "each row's number of positive entries, and whether any is NaN");
+  m.def("level_chain_forward", &level_chain_forward, "the level reconstructions of a run of pieces and their squared errors");
+  m.def("level_chain_backward", &level_chain_backward, "the chain's gradients: pieces, base and (optionally) target",
+        py::arg("P"), py::arg("x"), py::arg("dP"), py::arg("dE"), py::arg("want_x"));
 }
