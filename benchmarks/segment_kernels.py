@@ -12,7 +12,9 @@ For each active fraction (b_enc shifted as in train_step.py, from the paper's in
   * milliseconds of the select and of each kernel pass (decode, activation gradient, decoder
     gradient), and each pass's multiply-adds per second (entries x d_in) against the full level's
     GEMM z @ W_dec on the same data;
-  * the fused loss's forward + backward (no optimizer) in each layout.
+  * the fused loss's forward + backward (no optimizer) in each layout;
+  * the chain of level reconstructions and errors (forward + backward, the pieces of the gathered
+    layout): per-level tensor ops against the compiled `LevelChain`.
 Every timing is the minimum over `--repeats` calls, and the settings are interleaved over
 `--rounds`; ratios are medians of within-round ratios (this VM's speed drifts between minutes).
 """
@@ -29,7 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from msae_ext.architectures import cpu_kernels, nested_topk, resolve_k_list
+from msae_ext.architectures.base import reconstruction_loss
 from msae_ext.architectures.nested_topk import (
+    LevelChain,
+    _level_errors,
     gathered_run,
     nested_selection,
     nested_topk_loss_fused,
@@ -116,6 +121,29 @@ def loss_ms(x, pre, W, k_list, mode, repeats) -> float:
         return best_ms(step, repeats)
 
 
+def chain_ms(x, n_pieces, repeats) -> dict[str, float]:
+    """The levels' chain from `n_pieces` decoded pieces, forward + backward: the per-level ops the
+    fused loss runs without the kernels, and `LevelChain`."""
+    g = torch.Generator().manual_seed(1)
+    Y0, base0 = torch.randn(x.shape[0], n_pieces, x.shape[1], generator=g), torch.randn(x.shape[1], generator=g)
+
+    def ops():
+        Y, recon = Y0.clone().requires_grad_(), base0.clone().requires_grad_()
+        losses = []
+        for piece in Y.unbind(1):
+            recon = recon + piece
+            losses.append(reconstruction_loss(recon, x, "mse"))
+        sum(losses).backward()
+
+    def kernel():
+        Y, base = Y0.clone().requires_grad_(), base0.clone().requires_grad_()
+        _, errors = LevelChain.apply(Y, base, x)
+        sum(_level_errors(errors, x, "mse")).backward()
+
+    clone = best_ms(lambda: Y0.clone(), repeats)  # both time a clone of the pieces: taken off
+    return {"ops": best_ms(ops, repeats) - clone, "kernel": best_ms(kernel, repeats) - clone}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=1024)
@@ -161,6 +189,11 @@ def main(argv: list[str] | None = None) -> None:
                           for t in LAYOUTS[1:])
         print(f"GEMM z @ W_dec: {gemm_ms:.1f} ms, {gemm_rate / 1e6:.1f} G multiply-adds/s; "
               f"loss f+b, segments / layout: {gains}; auto picks {picked}")
+    n_pieces = len(piece_ranges(selection(pre, k_list, "gathered")))
+    chains = [chain_ms(x, n_pieces, args.repeats) for _ in range(args.rounds)]
+    ops, kernel = (statistics.median(c[key] for c in chains) for key in ("ops", "kernel"))
+    print(f"\nlevel chain, {n_pieces} pieces, forward + backward: per-level ops {ops:.1f} ms, LevelChain "
+          f"{kernel:.1f} ms, ops / LevelChain {statistics.median(c['ops'] / c['kernel'] for c in chains):.2f}")
 
 if __name__ == "__main__":
     main()

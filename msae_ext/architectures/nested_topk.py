@@ -594,8 +594,8 @@ def nested_topk_loss_fused(
             level_errors = _level_errors(errors, x, recon_loss)
             for s, k in enumerate(prefix_levels):
                 partial_out[k], partial_loss[k] = recons[:, s], level_errors[s]
-            if sel.full_gathered:
-                full_out, full_loss = recons[:, -1], level_errors[-1]
+            if sel.full_gathered:  # a copy: a view would keep all of `recons` alive with sae_out
+                full_out, full_loss = recons[:, -1].clone(), level_errors[-1]
         else:
             recon = b_dec.to(z.dtype)
             for k, piece in zip(prefix_levels, pieces):  # level k = level before + its rank segment
