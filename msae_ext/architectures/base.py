@@ -98,11 +98,17 @@ def reconstruction_loss(
     mse:  ||x - x_hat||^2 (the paper's L(x), section 3.1).
     nmse: ||x - x_hat||^2 / ||x||^2, the per-sample normalised MSE the authors' code defaults to.
     """
-    err = (x_hat - x).pow(2).sum(dim=-1)
+    return batch_mean_error((x_hat - x).pow(2).sum(dim=-1), x, kind)
+
+
+def batch_mean_error(err: torch.Tensor, x: torch.Tensor, kind: Literal["mse", "nmse"]) -> torch.Tensor:
+    """`reconstruction_loss` from the per-sample squared errors `err`, (B,) or (B, levels): the
+    mean over samples (a scalar, or one per level)."""
     if kind == "mse":
-        return err.mean()
+        return err.mean(dim=0)
     if kind == "nmse":
-        return (err / x.pow(2).sum(dim=-1).clamp_min(1e-12)).mean()
+        norm = x.pow(2).sum(dim=-1).clamp_min(1e-12)
+        return (err / norm.view(-1, *[1] * (err.dim() - 1))).mean(dim=0)
     raise ValueError(f"unknown recon_loss {kind!r}; expected 'mse' or 'nmse'")
 
 

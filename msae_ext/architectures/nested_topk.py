@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_kernels
-from .base import autocast_dtype, reconstruction_loss, soft_cap
+from .base import autocast_dtype, batch_mean_error, reconstruction_loss, soft_cap
 
 
 @dataclass
@@ -452,15 +452,6 @@ def _chain_kernels_for(Y: torch.Tensor, base: torch.Tensor, x: torch.Tensor) -> 
     return base.dim() == 1 and cpu_kernels.segment_kernels() is not None
 
 
-def _level_errors(errors: torch.Tensor, x: torch.Tensor, kind: Literal["mse", "nmse"]) -> list[torch.Tensor]:
-    """Each level's batch-mean loss from its per-row squared errors (B, S), as `reconstruction_loss`."""
-    if kind not in ("mse", "nmse"):
-        raise ValueError(f"unknown recon_loss {kind!r}; expected 'mse' or 'nmse'")
-    if kind == "nmse":
-        errors = errors / x.pow(2).sum(dim=-1, keepdim=True).clamp_min(1e-12)
-    return list(errors.mean(dim=0).unbind())
-
-
 def piece_ranges(sel: NestedSelection) -> list[tuple[int, int]]:
     """The fused loss's pieces as column ranges of the ranking: the rank segments [k_{s-1}, k_s),
     then the tail [K, tail_end): after them when the full level is gathered, in place of the last
@@ -561,7 +552,8 @@ def nested_topk_loss_fused(
     full_out = full_loss = None
     partial_out: dict[int, torch.Tensor] = {}
     partial_loss: dict[int, torch.Tensor] = {}
-    prefix_levels = sel.partial[:-1] if sel.tail_end and not sel.full_gathered else sel.partial
+    tail_subtracted = bool(sel.tail_end) and not sel.full_gathered  # level K = the full level - its tail
+    prefix_levels = sel.partial[:-1] if tail_subtracted else sel.partial
     if segments:
         pieces: list[torch.Tensor] = []  # each range's decode, in order
         chain = None  # the (B, S, d_in) decodes when one gathered run is the whole chain of levels
@@ -583,15 +575,14 @@ def nested_topk_loss_fused(
             full, Y = GatheredSegments.apply(z, W_dec, idx, bounds, with_full, ends)
             if with_full:
                 full_out = full + b_dec
-            if j == 0 and end == len(segments) and _chain_kernels_for(Y, b_dec, x) and \
-                    not (sel.tail_end and not sel.full_gathered):
-                chain = Y  # every piece is a step of the chain (no level K = full - tail)
+            if j == 0 and end == len(segments) and not tail_subtracted and _chain_kernels_for(Y, b_dec, x):
+                chain = Y  # every piece is a step of the chain
             else:
                 pieces.extend(Y.unbind(1))
             j = end
         if chain is not None:  # the chain below in one compiled pass a row (`LevelChain`)
             recons, errors = LevelChain.apply(chain, b_dec, x)
-            level_errors = _level_errors(errors, x, recon_loss)
+            level_errors = batch_mean_error(errors, x, recon_loss).unbind()
             for s, k in enumerate(prefix_levels):
                 partial_out[k], partial_loss[k] = recons[:, s], level_errors[s]
             if sel.full_gathered:  # a copy: a view would keep all of `recons` alive with sae_out
@@ -603,7 +594,7 @@ def nested_topk_loss_fused(
                 partial_out[k] = recon
             if sel.full_gathered:  # the full level = level K + its tail
                 full_out = recon + pieces[-1]
-            elif sel.tail_end:  # level K = the full level - its tail
+            elif tail_subtracted:
                 partial_out[sel.partial[-1]] = full_out - pieces[-1]
     if need_full and full_out is None:
         full_out = (z @ W_dec + b_dec).to(z.dtype)
