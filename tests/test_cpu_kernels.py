@@ -46,7 +46,8 @@ def _dense_segments(z, W, idx, bounds, ends=None):
 
 
 # d = 77: two whole 32-column chunks and a partial one; an empty segment; one segment only;
-# 1100 rows: two whole blocks of 512 rows and a partial one
+# 1100 rows: two whole blocks of 512 rows and a partial one (forward, dz), one block of 1024 rows
+# and a partial one of a whole tile of 64 rows and a partial tile (dW)
 @pytest.mark.parametrize("shape", [(9, 50, 77, [0, 3, 3, 8, 20]), (5, 40, 64, [0, 40]), (3, 16, 5, [0, 1, 2, 4]),
                                    (1100, 40, 40, [0, 2, 9])],
                          ids=["tail_chunk", "one_full_segment", "narrow", "row_blocks"])
@@ -76,6 +77,26 @@ def test_segment_kernels_match_dense_math(kernels, shape, with_ends):
     fresh = torch.full((B, D), float("nan"))  # overwrite_dz: what is there is ignored, rows written whole
     kernels.segments_backward(z, W, idx, bounds, H, fresh, None, ends, overwrite_dz=True)
     torch.testing.assert_close(fresh.double(), want_dz, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_gradient_by_tiles(kernels):
+    """The dW pass groups each tile of 64 rows by feature: features repeated in every row of a
+    tile, a tile with no entries (ends 0), a tile whose activations are all zero, a partial last
+    tile, and rows with fewer entries than columns. Against float64 dense math, and dz too."""
+    B, D, d, bounds = 200, 12, 40, [0, 3, 10]  # tiles: rows 0-63, 64-127, 128-191, 192-199
+    z, W, idx = _case(B, D, d, bounds, seed=4)
+    z[128:192] = 0.0
+    ends = torch.randint(0, bounds[-1] + 1, (B,), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
+    ends[64:128] = 0
+    H = torch.randn(B, len(bounds) - 1, d, generator=torch.Generator().manual_seed(1))
+    zz, WW = z.double().requires_grad_(), W.double().requires_grad_()
+    want_dz, want_dW = torch.autograd.grad(_dense_segments(zz, WW, idx, bounds, ends), (zz, WW), H.double())
+    dW0 = torch.randn(D, d)
+    dz, dW = torch.zeros(B, D), dW0.clone()
+    kernels.segments_backward(z, W, idx, bounds, H, dz, dW, ends)
+    torch.testing.assert_close((dW - dW0).double(), want_dW, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dz.double(), want_dz, rtol=1e-5, atol=1e-5)
+    assert bool((want_dW != 0).all())  # every feature's gradient has terms: a dropped tile would show
 
 
 def test_count_positive_matches_torch(kernels):

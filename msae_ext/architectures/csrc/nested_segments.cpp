@@ -9,14 +9,18 @@
 //   backward:  dz[b, f]    += W[f] . H[b, s]            for f = idx[b, j], j in s
 //              dW[f]       += sum z[b, f] H[b, s]       over the entries with idx[b, j] = f
 //
-// All three walk the decoder a column chunk at a time (CH columns of all D rows, D * CH * 4 bytes:
-// 768 KiB for D = 6144, within a core's L2), so a gathered row costs one L2 read instead of one
-// trip to L3 or memory, prefetched a few entries ahead; the accumulators of one (row, segment)
-// stay in registers. The forward and dW passes split the chunks between threads (disjoint output
-// columns, no races); the dz pass takes one chunk at a time and splits the rows. All three go through the rows in blocks of ROWS,
-// so that the indices and activations read once per chunk stay in L3 at any batch size. Besides
-// the columns past `ends`, an entry whose activation is zero is skipped by the dW pass; dz is
-// computed for every other entry (the ReLU that made a zero stops it).
+// The forward and dz passes walk the decoder a column chunk at a time (CH columns of all D rows,
+// D * CH * 4 bytes: 768 KiB for D = 6144, within a core's L2), so a gathered row costs one L2 read
+// instead of one trip to L3 or memory, prefetched a few entries ahead; the accumulators of one
+// (row, segment) stay in registers. The forward pass splits the chunks between threads (disjoint
+// output columns, no races); the dz pass takes one chunk at a time and splits the rows. Both go
+// through the rows in blocks of ROWS, so that the indices and activations read once per chunk stay
+// in L3 at any batch size. The dW pass would be a random read-modify-write of a decoder row per
+// entry that way; it takes each tile of TILE_ROWS rows feature by feature instead (FeatureMajor):
+// a feature's terms are summed in registers from the tile's upstream gradients, which stay in
+// cache, and the packed chunk of dW is read and written in order, once a tile; threads split the
+// chunks. Besides the columns past `ends`, an entry whose activation is zero is skipped by the dW
+// pass; dz is computed for every other entry (the ReLU that made a zero stops it).
 //
 // Also here: `nested_select` (the rank segments of each row, without a sort), `count_positive`
 // (each row's positive entries and a NaN flag, which decide the fused loss's layout) and
@@ -33,6 +37,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <tuple>
 #include <vector>
@@ -42,6 +47,8 @@ namespace {
 constexpr int64_t CH = 32;        // decoder columns per chunk
 constexpr int64_t ROWS = 512;     // rows per block: a block's indices and activations (ROWS * K * 8 bytes,
                                   // 8 MiB at K = 2048) are read once per chunk and stay in L3
+constexpr int64_t TILE_ROWS = 64;    // the dW pass: rows per tile (FeatureMajor)
+constexpr int64_t TILE_BLOCK = 1024; // and rows per block of tiles grouped at once (TILE_BLOCK * K * 8 bytes)
 
 struct Shape {
   int64_t B, D, d, K, S;
@@ -83,6 +90,27 @@ std::vector<int64_t> row_ends(const c10::optional<torch::Tensor>& ends, const Sh
 inline int64_t seg_lo(const std::vector<int64_t>& bounds, int64_t s, int64_t end) { return std::min(bounds[s], end); }
 inline int64_t seg_hi(const std::vector<int64_t>& bounds, int64_t s, int64_t end) { return std::min(bounds[s + 1], end); }
 
+// Rows of CH floats (a packed decoder chunk, its gradient, a tile of upstream gradients) in memory
+// aligned to a cache line, so that a row's loads never straddle two lines. A std::vector's large
+// blocks are 16-byte aligned: two of a row's four 8-float loads were then split loads, which cost
+// the forward pass about a fifth of its time.
+class PackedRows {
+ public:
+  explicit PackedRows(int64_t rows)
+      : size_(rows * CH), data_(static_cast<float*>(std::aligned_alloc(64, std::max<int64_t>(size_, 16) * 4))) {
+    TORCH_CHECK(data_ != nullptr, "nested_segments: could not allocate ", size_ * 4, " bytes of packed rows");
+  }
+  ~PackedRows() { std::free(data_); }
+  PackedRows(const PackedRows&) = delete;
+  PackedRows& operator=(const PackedRows&) = delete;
+  float* data() { return data_; }
+  void zero() { std::fill_n(data_, size_, 0.f); }
+
+ private:
+  int64_t size_;
+  float* data_;
+};
+
 // c[b, j] = z[b, idx[b, j]]
 std::vector<float> gather_activations(const float* z, const int32_t* idx, const Shape& n) {
   std::vector<float> c(n.B * n.K);
@@ -113,11 +141,10 @@ inline void load_chunk(float* h, const float* src, int64_t w) {
   for (int64_t k = 0; k < CH; ++k) h[k] = k < w ? src[k] : 0.f;
 }
 
-// The three per-chunk loops over the entries j0 <= j < j1 of one (row, segment), on a packed chunk
-// Pt (D rows of CH floats):
-//   sum_chunk:     out[0:CH]     = sum_j a[j] Pt[f_j]
-//   scatter_chunk: Pt[f_j]      += a[j] h            (Pt: the packed gradient of the decoder)
-//   dots_chunk:    e[j]         += Pt[f_j] . h
+// The two per-chunk loops over the entries j0 <= j < j1 of a run, on a packed chunk Pt (rows of CH floats):
+//   sum_chunk:     out[0:CH]     = sum_j a[j] Pt[f_j]    (forward: one (row, segment), Pt the decoder)
+//   add_sum_chunk: out[0:CH]    += sum_j a[j] Pt[f_j]    (dW: one feature of a tile, Pt the tile's gradients)
+//   dots_chunk:    e[j]         += Pt[f_j] . h          (dz: one (row, segment), Pt the decoder)
 #if defined(__AVX2__) && defined(__FMA__)
 static_assert(CH == 32, "the AVX2 loops hold a chunk as four 8-float vectors");
 
@@ -152,16 +179,26 @@ inline void sum_chunk(const float* Pt, const float* a, const int32_t* f, int64_t
   for (int v = 0; v < 4; ++v) _mm256_storeu_ps(out + 8 * v, _mm256_add_ps(x[v], y[v]));
 }
 
-inline void scatter_chunk(float* Pt, const float* a, const int32_t* f, int64_t j0, int64_t j1, const float* hp) {
-  const __m256 h[4] = {_mm256_loadu_ps(hp), _mm256_loadu_ps(hp + 8), _mm256_loadu_ps(hp + 16),
-                       _mm256_loadu_ps(hp + 24)};
-  for (int64_t j = j0; j < j1; ++j) {
-    prefetch_entry(Pt, f, j, j1);
-    if (a[j] == 0.f) continue;  // adds nothing
-    float* p = Pt + static_cast<int64_t>(f[j]) * CH;
-    const __m256 aj = _mm256_set1_ps(a[j]);
-    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(p + 8 * v, _mm256_fmadd_ps(aj, h[v], _mm256_loadu_ps(p + 8 * v)));
+// out[0:CH] += sum_j a[j] Pt[f_j], with Pt small enough to stay in L1 (no prefetch)
+inline void add_sum_chunk(const float* Pt, const float* a, const int32_t* f, int64_t j0, int64_t j1, float* out) {
+  __m256 x[4] = {}, y[4] = {};
+  int64_t j = j0;
+  for (; j + 2 <= j1; j += 2) {
+    const float* p = Pt + static_cast<int64_t>(f[j]) * CH;
+    const float* q = Pt + static_cast<int64_t>(f[j + 1]) * CH;
+    const __m256 ap = _mm256_set1_ps(a[j]), aq = _mm256_set1_ps(a[j + 1]);
+    for (int v = 0; v < 4; ++v) {
+      x[v] = _mm256_fmadd_ps(ap, _mm256_loadu_ps(p + 8 * v), x[v]);
+      y[v] = _mm256_fmadd_ps(aq, _mm256_loadu_ps(q + 8 * v), y[v]);
+    }
   }
+  if (j < j1) {
+    const float* p = Pt + static_cast<int64_t>(f[j]) * CH;
+    const __m256 ap = _mm256_set1_ps(a[j]);
+    for (int v = 0; v < 4; ++v) x[v] = _mm256_fmadd_ps(ap, _mm256_loadu_ps(p + 8 * v), x[v]);
+  }
+  for (int v = 0; v < 4; ++v)
+    _mm256_storeu_ps(out + 8 * v, _mm256_add_ps(_mm256_loadu_ps(out + 8 * v), _mm256_add_ps(x[v], y[v])));
 }
 
 // the lane sums of eight 8-float vectors, as one vector
@@ -208,12 +245,13 @@ inline void sum_chunk(const float* Pt, const float* a, const int32_t* f, int64_t
   std::copy_n(acc, CH, out);
 }
 
-inline void scatter_chunk(float* Pt, const float* a, const int32_t* f, int64_t j0, int64_t j1, const float* h) {
+inline void add_sum_chunk(const float* Pt, const float* a, const int32_t* f, int64_t j0, int64_t j1, float* out) {
+  float acc[CH] = {};
   for (int64_t j = j0; j < j1; ++j) {
-    if (a[j] == 0.f) continue;
-    float* p = Pt + static_cast<int64_t>(f[j]) * CH;
-    for (int64_t k = 0; k < CH; ++k) p[k] += a[j] * h[k];
+    const float* p = Pt + static_cast<int64_t>(f[j]) * CH;
+    for (int64_t k = 0; k < CH; ++k) acc[k] += a[j] * p[k];
   }
+  for (int64_t k = 0; k < CH; ++k) out[k] += acc[k];
 }
 
 inline void dots_chunk(const float* Pt, const int32_t* f, int64_t j0, int64_t j1, const float* h, float* e) {
@@ -228,6 +266,67 @@ inline void dots_chunk(const float* Pt, const int32_t* f, int64_t j0, int64_t j1
 
 int64_t n_chunks(int64_t d) { return (d + CH - 1) / CH; }
 
+// The entries of a block of rows [r0, r1), a tile of TILE_ROWS rows at a time, grouped by feature
+// (a counting sort): tile q's entries of feature f are [starts[q][f], starts[q][f + 1]) after base[q],
+// each with its activation c and code = (row in the tile) * S + segment, its row of the tile's
+// packed upstream gradient. Entries with a zero activation are left out (they add nothing to dW).
+// The dW pass walks a tile's features in order: feature f's terms are summed in registers from a
+// tile of gradients that stays in cache, and the decoder gradient is read and written once per
+// tile in order, instead of a random read-modify-write of a decoder row per entry.
+struct FeatureMajor {
+  std::vector<float> c;
+  std::vector<int32_t> code;
+  std::vector<int32_t> starts;  // tiles x (D + 1)
+  std::vector<int64_t> base;    // tiles + 1
+  int64_t r0 = 0, r1 = 0, tiles = 0;
+
+  void build(const float* z, const int32_t* idx, const std::vector<int64_t>& bounds, const std::vector<int64_t>& end,
+             const Shape& n, int64_t row0, int64_t row1) {
+    r0 = row0, r1 = row1, tiles = (r1 - r0 + TILE_ROWS - 1) / TILE_ROWS;
+    base.assign(tiles + 1, 0);
+    starts.resize(tiles * (n.D + 1));
+    at::parallel_for(0, tiles, 1, [&](int64_t q0, int64_t q1) {  // count each tile's entries a feature
+      for (int64_t q = q0; q < q1; ++q) {
+        int32_t* st = starts.data() + q * (n.D + 1);
+        std::fill(st, st + n.D + 1, 0);
+        for (int64_t b = r0 + q * TILE_ROWS; b < std::min(r1, r0 + (q + 1) * TILE_ROWS); ++b) {
+          const int32_t* ib = idx + b * n.K;
+          const float* zb = z + b * n.D;
+          for (int64_t j = 0; j < end[b]; ++j) st[ib[j] + 1] += zb[ib[j]] != 0.f;
+        }
+        for (int64_t f = 0; f < n.D; ++f) st[f + 1] += st[f];
+        base[q + 1] = st[n.D];
+      }
+    });
+    for (int64_t q = 0; q < tiles; ++q) base[q + 1] += base[q];
+    c.resize(base[tiles]);
+    code.resize(base[tiles]);
+    at::parallel_for(0, tiles, 1, [&](int64_t q0, int64_t q1) {  // place them
+      std::vector<int32_t> next(n.D);
+      for (int64_t q = q0; q < q1; ++q) {
+        std::copy_n(starts.data() + q * (n.D + 1), n.D, next.begin());
+        float* cq = c.data() + base[q];
+        int32_t* hq = code.data() + base[q];
+        const int64_t b0 = r0 + q * TILE_ROWS;
+        for (int64_t b = b0; b < std::min(r1, b0 + TILE_ROWS); ++b) {
+          const int32_t* ib = idx + b * n.K;
+          const float* zb = z + b * n.D;
+          for (int64_t s = 0; s < n.S; ++s) {
+            const int32_t h = static_cast<int32_t>((b - b0) * n.S + s);
+            for (int64_t j = seg_lo(bounds, s, end[b]); j < seg_hi(bounds, s, end[b]); ++j) {
+              const int32_t f = ib[j];
+              if (zb[f] == 0.f) continue;
+              const int32_t at = next[f]++;
+              cq[at] = zb[f];
+              hq[at] = h;
+            }
+          }
+        }
+      }
+    });
+  }
+};
+
 }  // namespace
 
 torch::Tensor segments_forward(const torch::Tensor& z, const torch::Tensor& W, const torch::Tensor& idx,
@@ -240,7 +339,7 @@ torch::Tensor segments_forward(const torch::Tensor& z, const torch::Tensor& W, c
   const float* Wp = W.data_ptr<float>();
   float* Yp = Y.data_ptr<float>();
   for (int64_t r0 = 0; r0 < n.B; r0 += ROWS) at::parallel_for(0, n_chunks(n.d), 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> chunk(n.D * CH);
+    PackedRows chunk(n.D);
     const float* Pt = chunk.data();
     for (int64_t t = t0; t < t1; ++t) {  // threads take disjoint column chunks of Y
       const int64_t lo = t * CH, w = std::min(CH, n.d - lo);
@@ -275,32 +374,41 @@ void segments_backward(const torch::Tensor& z, const torch::Tensor& W, const tor
   if (dW.has_value() && dW->defined()) {
     TORCH_CHECK(dW->sizes() == W.sizes() && dW->is_contiguous() && dW->scalar_type() == torch::kFloat,
                 "nested_segments: dW must be a contiguous float32 tensor shaped like W");
-    const auto c = gather_activations(z.data_ptr<float>(), ip, n);
     float* g = dW->data_ptr<float>();
-    for (int64_t r0 = 0; r0 < n.B; r0 += ROWS) at::parallel_for(0, chunks, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> G(n.D * CH);  // one chunk of dW's segment terms, packed like the decoder
-      for (int64_t t = t0; t < t1; ++t) {  // threads take disjoint column chunks of dW
-        const int64_t lo = t * CH, w = std::min(CH, n.d - lo);
-        std::fill(G.begin(), G.end(), 0.f);
-        for (int64_t b = r0; b < std::min(n.B, r0 + ROWS); ++b) {
-          for (int64_t s = 0; s < n.S; ++s) {
-            alignas(32) float h[CH];
-            load_chunk(h, Hp + (b * n.S + s) * n.d + lo, w);
-            scatter_chunk(G.data(), c.data() + b * n.K, ip + b * n.K, seg_lo(bounds, s, end[b]),
-                          seg_hi(bounds, s, end[b]), h);
+    FeatureMajor fm;
+    for (int64_t r0 = 0; r0 < n.B; r0 += TILE_BLOCK) {
+      fm.build(z.data_ptr<float>(), ip, bounds, end, n, r0, std::min(n.B, r0 + TILE_BLOCK));
+      at::parallel_for(0, chunks, 1, [&](int64_t t0, int64_t t1) {
+        PackedRows G(n.D);                 // one chunk of dW's segment terms, packed like the decoder
+        PackedRows Ht(TILE_ROWS * n.S);   // one tile's upstream gradients, the same chunk, packed
+        for (int64_t t = t0; t < t1; ++t) {  // threads take disjoint column chunks of dW
+          const int64_t lo = t * CH, w = std::min(CH, n.d - lo);
+          G.zero();
+          for (int64_t q = 0; q < fm.tiles; ++q) {
+            const int64_t b0 = fm.r0 + q * TILE_ROWS, b1 = std::min(fm.r1, b0 + TILE_ROWS);
+            for (int64_t b = b0; b < b1; ++b)
+              for (int64_t s = 0; s < n.S; ++s)
+                load_chunk(Ht.data() + ((b - b0) * n.S + s) * CH, Hp + (b * n.S + s) * n.d + lo, w);
+            const int32_t* st = fm.starts.data() + q * (n.D + 1);
+            const float* cq = fm.c.data() + fm.base[q];
+            const int32_t* hq = fm.code.data() + fm.base[q];
+            for (int64_t f = 0; f < n.D; ++f) {
+              // feature f's terms in this tile, summed in registers
+              if (st[f] != st[f + 1]) add_sum_chunk(Ht.data(), cq, hq, st[f], st[f + 1], G.data() + f * CH);
+            }
           }
+          for (int64_t f = 0; f < n.D; ++f)
+            for (int64_t k = 0; k < w; ++k) g[f * n.d + lo + k] += G.data()[f * CH + k];
         }
-        for (int64_t f = 0; f < n.D; ++f)
-          for (int64_t k = 0; k < w; ++k) g[f * n.d + lo + k] += G[f * CH + k];
-      }
-    });
+      });
+    }
   }
   if (dz.has_value() && dz->defined()) {
     TORCH_CHECK(dz->sizes() == z.sizes() && dz->is_contiguous() && dz->scalar_type() == torch::kFloat,
                 "nested_segments: dz must be a contiguous float32 tensor shaped like z");
     float* g = dz->data_ptr<float>();
     const float* Wp = W.data_ptr<float>();
-    std::vector<float> Pt(n.D * CH);                    // the current chunk, packed
+    PackedRows Pt(n.D);                               // the current chunk, packed
     std::vector<float> E(std::min(n.B, ROWS) * n.K);  // a block's per-entry dot products, over the chunks
     for (int64_t r0 = 0; r0 < n.B; r0 += ROWS) {
       const int64_t r1 = std::min(n.B, r0 + ROWS);
