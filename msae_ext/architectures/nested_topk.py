@@ -34,7 +34,8 @@ GEMMs) per level. It is the oracle of the tests.
     No dense decoder pass per level.
   * On CPU in float32 the segments' forward and backward and the selection run as compiled
     kernels (cpu_kernels.py, csrc/nested_segments.cpp: column chunks of the decoder kept in L2,
-    AVX2 where available; a select per row instead of a sort), built on first use; where they do
+    the decoder gradient a tile of rows at a time, feature by feature, AVX2 where available; a
+    select per row instead of a sort), built on first use; where they do
     not build, the PyTorch path above computes the same values. Where one gathered run is the
     whole chain of levels (no level K = full - tail), `LevelChain` does the chain's adds and
     squared errors a row at a time and writes the suffix sums of the level gradients straight
@@ -43,7 +44,8 @@ GEMMs) per level. It is the oracle of the tests.
     `DenseSegmentDecode` instead: a scatter into one (B, d_sae) buffer and GEMMs (tensor cores beat
     gathers there); the buffer is rebuilt in backward rather than kept.
 Extra memory: the (B, K) int32 ranking, kept for backward, one (B, d_in) reconstruction per
-level, and transients: (kernels) a (B, K) float32 buffer and a packed decoder chunk per thread,
+level, and transients: (kernels) a (B, K) float32 buffer in forward, the entries of 1024 rows
+grouped by feature (8 bytes an entry) in backward, and a packed decoder chunk per thread,
 (PyTorch path) feature-sorted index arrays and blocked GEMM slices, (dense segments) one
 (B, d_sae) buffer.
 """
