@@ -157,12 +157,17 @@ inline void prefetch_entry(const float* Pt, const int32_t* f, int64_t j, int64_t
   _mm_prefetch(reinterpret_cast<const char*>(p + 16), _MM_HINT_T0);
 }
 
-inline void sum_chunk(const float* Pt, const float* a, const int32_t* f, int64_t j0, int64_t j1, float* out) {
+// out[0:CH] = (or, with Add, +=) sum_j a[j] Pt[f_j]; with Prefetch, each row is prefetched AHEAD
+// entries before its use (for a Pt in L2; a Pt that stays in L1 needs none)
+template <bool Prefetch, bool Add>
+inline void weighted_sum(const float* Pt, const float* a, const int32_t* f, int64_t j0, int64_t j1, float* out) {
   __m256 x[4] = {}, y[4] = {};  // two accumulator sets: consecutive entries overlap their FMA latency
   int64_t j = j0;
   for (; j + 2 <= j1; j += 2) {
-    prefetch_entry(Pt, f, j, j1);
-    prefetch_entry(Pt, f, j + 1, j1);
+    if (Prefetch) {
+      prefetch_entry(Pt, f, j, j1);
+      prefetch_entry(Pt, f, j + 1, j1);
+    }
     const float* p = Pt + static_cast<int64_t>(f[j]) * CH;
     const float* q = Pt + static_cast<int64_t>(f[j + 1]) * CH;
     const __m256 ap = _mm256_set1_ps(a[j]), aq = _mm256_set1_ps(a[j + 1]);
@@ -176,29 +181,10 @@ inline void sum_chunk(const float* Pt, const float* a, const int32_t* f, int64_t
     const __m256 ap = _mm256_set1_ps(a[j]);
     for (int v = 0; v < 4; ++v) x[v] = _mm256_fmadd_ps(ap, _mm256_loadu_ps(p + 8 * v), x[v]);
   }
-  for (int v = 0; v < 4; ++v) _mm256_storeu_ps(out + 8 * v, _mm256_add_ps(x[v], y[v]));
-}
-
-// out[0:CH] += sum_j a[j] Pt[f_j], with Pt small enough to stay in L1 (no prefetch)
-inline void add_sum_chunk(const float* Pt, const float* a, const int32_t* f, int64_t j0, int64_t j1, float* out) {
-  __m256 x[4] = {}, y[4] = {};
-  int64_t j = j0;
-  for (; j + 2 <= j1; j += 2) {
-    const float* p = Pt + static_cast<int64_t>(f[j]) * CH;
-    const float* q = Pt + static_cast<int64_t>(f[j + 1]) * CH;
-    const __m256 ap = _mm256_set1_ps(a[j]), aq = _mm256_set1_ps(a[j + 1]);
-    for (int v = 0; v < 4; ++v) {
-      x[v] = _mm256_fmadd_ps(ap, _mm256_loadu_ps(p + 8 * v), x[v]);
-      y[v] = _mm256_fmadd_ps(aq, _mm256_loadu_ps(q + 8 * v), y[v]);
-    }
+  for (int v = 0; v < 4; ++v) {
+    const __m256 sum = _mm256_add_ps(x[v], y[v]);
+    _mm256_storeu_ps(out + 8 * v, Add ? _mm256_add_ps(_mm256_loadu_ps(out + 8 * v), sum) : sum);
   }
-  if (j < j1) {
-    const float* p = Pt + static_cast<int64_t>(f[j]) * CH;
-    const __m256 ap = _mm256_set1_ps(a[j]);
-    for (int v = 0; v < 4; ++v) x[v] = _mm256_fmadd_ps(ap, _mm256_loadu_ps(p + 8 * v), x[v]);
-  }
-  for (int v = 0; v < 4; ++v)
-    _mm256_storeu_ps(out + 8 * v, _mm256_add_ps(_mm256_loadu_ps(out + 8 * v), _mm256_add_ps(x[v], y[v])));
 }
 
 // the lane sums of eight 8-float vectors, as one vector
@@ -236,22 +222,14 @@ inline void dots_chunk(const float* Pt, const int32_t* f, int64_t j0, int64_t j1
   }
 }
 #else  // portable loops (the compiler vectorises over the chunk)
-inline void sum_chunk(const float* Pt, const float* a, const int32_t* f, int64_t j0, int64_t j1, float* out) {
+template <bool Prefetch, bool Add>
+inline void weighted_sum(const float* Pt, const float* a, const int32_t* f, int64_t j0, int64_t j1, float* out) {
   float acc[CH] = {};
   for (int64_t j = j0; j < j1; ++j) {
     const float* p = Pt + static_cast<int64_t>(f[j]) * CH;
     for (int64_t k = 0; k < CH; ++k) acc[k] += a[j] * p[k];
   }
-  std::copy_n(acc, CH, out);
-}
-
-inline void add_sum_chunk(const float* Pt, const float* a, const int32_t* f, int64_t j0, int64_t j1, float* out) {
-  float acc[CH] = {};
-  for (int64_t j = j0; j < j1; ++j) {
-    const float* p = Pt + static_cast<int64_t>(f[j]) * CH;
-    for (int64_t k = 0; k < CH; ++k) acc[k] += a[j] * p[k];
-  }
-  for (int64_t k = 0; k < CH; ++k) out[k] += acc[k];
+  for (int64_t k = 0; k < CH; ++k) out[k] = Add ? out[k] + acc[k] : acc[k];
 }
 
 inline void dots_chunk(const float* Pt, const int32_t* f, int64_t j0, int64_t j1, const float* h, float* e) {
@@ -263,6 +241,16 @@ inline void dots_chunk(const float* Pt, const int32_t* f, int64_t j0, int64_t j1
   }
 }
 #endif
+
+// the forward pass: one (row, segment) from the decoder chunk in L2
+inline void sum_chunk(const float* Pt, const float* a, const int32_t* f, int64_t j0, int64_t j1, float* out) {
+  weighted_sum<true, false>(Pt, a, f, j0, j1, out);
+}
+
+// the dW pass: one feature of a tile, added to its row of dW's packed chunk, from the tile's gradients in L1
+inline void add_sum_chunk(const float* Pt, const float* a, const int32_t* f, int64_t j0, int64_t j1, float* out) {
+  weighted_sum<false, true>(Pt, a, f, j0, j1, out);
+}
 
 int64_t n_chunks(int64_t d) { return (d + CH - 1) / CH; }
 
