@@ -158,7 +158,8 @@ inline void prefetch_entry(const float* Pt, const int32_t* f, int64_t j, int64_t
 }
 
 // out[0:CH] = (or, with Add, +=) sum_j a[j] Pt[f_j]; with Prefetch, each row is prefetched AHEAD
-// entries before its use (for a Pt in L2; a Pt that stays in L1 needs none)
+// entries before its use (for the decoder chunk, read at random from L2; the dW pass's tile of
+// gradients, tens of KiB read over and over, goes without)
 template <bool Prefetch, bool Add>
 inline void weighted_sum(const float* Pt, const float* a, const int32_t* f, int64_t j0, int64_t j1, float* out) {
   __m256 x[4] = {}, y[4] = {};  // two accumulator sets: consecutive entries overlap their FMA latency
@@ -247,7 +248,7 @@ inline void sum_chunk(const float* Pt, const float* a, const int32_t* f, int64_t
   weighted_sum<true, false>(Pt, a, f, j0, j1, out);
 }
 
-// the dW pass: one feature of a tile, added to its row of dW's packed chunk, from the tile's gradients in L1
+// the dW pass: one feature of a tile, added to its row of dW's packed chunk, from the tile's packed gradients
 inline void add_sum_chunk(const float* Pt, const float* a, const int32_t* f, int64_t j0, int64_t j1, float* out) {
   weighted_sum<false, true>(Pt, a, f, j0, j1, out);
 }
