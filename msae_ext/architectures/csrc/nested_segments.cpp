@@ -269,6 +269,10 @@ struct FeatureMajor {
   std::vector<int64_t> base;    // tiles + 1
   int64_t r0 = 0, r1 = 0, tiles = 0;
 
+  // tile q's rows: [first, end)
+  int64_t tile_first(int64_t q) const { return r0 + q * TILE_ROWS; }
+  int64_t tile_end(int64_t q) const { return std::min(r1, r0 + (q + 1) * TILE_ROWS); }
+
   void build(const float* z, const int32_t* idx, const std::vector<int64_t>& bounds, const std::vector<int64_t>& end,
              const Shape& n, int64_t row0, int64_t row1) {
     r0 = row0, r1 = row1, tiles = (r1 - r0 + TILE_ROWS - 1) / TILE_ROWS;
@@ -278,7 +282,7 @@ struct FeatureMajor {
       for (int64_t q = q0; q < q1; ++q) {
         int32_t* st = starts.data() + q * (n.D + 1);
         std::fill(st, st + n.D + 1, 0);
-        for (int64_t b = r0 + q * TILE_ROWS; b < std::min(r1, r0 + (q + 1) * TILE_ROWS); ++b) {
+        for (int64_t b = tile_first(q); b < tile_end(q); ++b) {
           const int32_t* ib = idx + b * n.K;
           const float* zb = z + b * n.D;
           for (int64_t j = 0; j < end[b]; ++j) st[ib[j] + 1] += zb[ib[j]] != 0.f;
@@ -296,8 +300,8 @@ struct FeatureMajor {
         std::copy_n(starts.data() + q * (n.D + 1), n.D, next.begin());
         float* cq = c.data() + base[q];
         int32_t* hq = code.data() + base[q];
-        const int64_t b0 = r0 + q * TILE_ROWS;
-        for (int64_t b = b0; b < std::min(r1, b0 + TILE_ROWS); ++b) {
+        const int64_t b0 = tile_first(q);
+        for (int64_t b = b0; b < tile_end(q); ++b) {
           const int32_t* ib = idx + b * n.K;
           const float* zb = z + b * n.D;
           for (int64_t s = 0; s < n.S; ++s) {
@@ -374,7 +378,7 @@ void segments_backward(const torch::Tensor& z, const torch::Tensor& W, const tor
           const int64_t lo = t * CH, w = std::min(CH, n.d - lo);
           G.zero();
           for (int64_t q = 0; q < fm.tiles; ++q) {
-            const int64_t b0 = fm.r0 + q * TILE_ROWS, b1 = std::min(fm.r1, b0 + TILE_ROWS);
+            const int64_t b0 = fm.tile_first(q), b1 = fm.tile_end(q);
             for (int64_t b = b0; b < b1; ++b)
               for (int64_t s = 0; s < n.S; ++s)
                 load_chunk(Ht.data() + ((b - b0) * n.S + s) * CH, Hp + (b * n.S + s) * n.d + lo, w);
