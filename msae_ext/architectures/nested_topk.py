@@ -34,7 +34,7 @@ GEMMs) per level. It is the oracle of the tests.
     No dense decoder pass per level.
   * On CPU in float32 the segments' forward and backward and the selection run as compiled
     kernels (cpu_kernels.py, csrc/nested_segments.cpp: column chunks of the decoder kept in L2,
-    the decoder gradient a tile of rows at a time, feature by feature, AVX2 where available; a
+    the decoder gradient a tile of rows at a time, feature by feature, AVX-512 or AVX2 where available; a
     select per row instead of a sort), built on first use; where they do
     not build, the PyTorch path above computes the same values. Where one gathered run is the
     whole chain of levels (no level K = full - tail), `LevelChain` does the chain's adds and

@@ -145,10 +145,81 @@ inline void load_chunk(float* h, const float* src, int64_t w) {
 //   sum_chunk:     out[0:CH]     = sum_j a[j] Pt[f_j]    (forward: one (row, segment), Pt the decoder)
 //   add_sum_chunk: out[0:CH]    += sum_j a[j] Pt[f_j]    (dW: one feature of a tile, Pt the tile's gradients)
 //   dots_chunk:    e[j]         += Pt[f_j] . h          (dz: one (row, segment), Pt the decoder)
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+static_assert(CH == 32, "the AVX-512 loops hold a chunk as two 16-float vectors");
+
+// No software prefetch here: with two 16-float loads an entry, the out-of-order core keeps enough of
+// the random L2 reads in flight, and the prefetches' extra loads made the forward pass about 5% and
+// the dz pass about 10% slower (session 13, 2 cores, 768 -> 6144, batch 4096).
+constexpr bool PREFETCH_DECODER = false;
+
+// out[0:CH] = (or, with Add, +=) sum_j a[j] Pt[f_j]. Two accumulator pairs (even and odd entries)
+// overlap consecutive entries' FMA latency; each column sums in the same order as the AVX2 loop.
+template <bool Prefetch, bool Add>
+inline void weighted_sum(const float* Pt, const float* a, const int32_t* f, int64_t j0, int64_t j1, float* out) {
+  static_assert(!Prefetch, "the AVX-512 loops do not prefetch");
+  __m512 x0 = _mm512_setzero_ps(), x1 = _mm512_setzero_ps(), y0 = _mm512_setzero_ps(), y1 = _mm512_setzero_ps();
+  int64_t j = j0;
+  for (; j + 2 <= j1; j += 2) {
+    const float* p = Pt + static_cast<int64_t>(f[j]) * CH;
+    const float* q = Pt + static_cast<int64_t>(f[j + 1]) * CH;
+    const __m512 ap = _mm512_set1_ps(a[j]), aq = _mm512_set1_ps(a[j + 1]);
+    x0 = _mm512_fmadd_ps(ap, _mm512_loadu_ps(p), x0);
+    x1 = _mm512_fmadd_ps(ap, _mm512_loadu_ps(p + 16), x1);
+    y0 = _mm512_fmadd_ps(aq, _mm512_loadu_ps(q), y0);
+    y1 = _mm512_fmadd_ps(aq, _mm512_loadu_ps(q + 16), y1);
+  }
+  if (j < j1) {
+    const float* p = Pt + static_cast<int64_t>(f[j]) * CH;
+    const __m512 ap = _mm512_set1_ps(a[j]);
+    x0 = _mm512_fmadd_ps(ap, _mm512_loadu_ps(p), x0);
+    x1 = _mm512_fmadd_ps(ap, _mm512_loadu_ps(p + 16), x1);
+  }
+  __m512 s0 = _mm512_add_ps(x0, y0), s1 = _mm512_add_ps(x1, y1);
+  if (Add) {
+    s0 = _mm512_add_ps(_mm512_loadu_ps(out), s0);
+    s1 = _mm512_add_ps(_mm512_loadu_ps(out + 16), s1);
+  }
+  _mm512_storeu_ps(out, s0);
+  _mm512_storeu_ps(out + 16, s1);
+}
+
+// the lane sums of eight 8-float vectors, as one vector
+inline __m256 lane_sums(__m256 v0, __m256 v1, __m256 v2, __m256 v3, __m256 v4, __m256 v5, __m256 v6, __m256 v7) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));  // halves' sums of v0..v3
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v4, v5), _mm256_hadd_ps(v6, v7));  // and of v4..v7
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+// one entry's products with the chunk h, folded into eight lanes
+inline __m256 chunk_products(const float* p, const __m512* h) {
+  const __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(p + 16), h[1], _mm512_mul_ps(_mm512_loadu_ps(p), h[0]));
+  return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+}
+
+// eight entries at a time: each entry's products folded into one vector, eight reduced together
+inline void dots_chunk(const float* Pt, const int32_t* f, int64_t j0, int64_t j1, const float* hp, float* e) {
+  const __m512 h[2] = {_mm512_loadu_ps(hp), _mm512_loadu_ps(hp + 16)};
+  auto row = [&](int64_t j) { return Pt + static_cast<int64_t>(f[j]) * CH; };
+  int64_t j = j0;
+  for (; j + 8 <= j1; j += 8) {
+    const __m256 r = lane_sums(chunk_products(row(j), h), chunk_products(row(j + 1), h),
+                               chunk_products(row(j + 2), h), chunk_products(row(j + 3), h),
+                               chunk_products(row(j + 4), h), chunk_products(row(j + 5), h),
+                               chunk_products(row(j + 6), h), chunk_products(row(j + 7), h));
+    _mm256_storeu_ps(e + j, _mm256_add_ps(_mm256_loadu_ps(e + j), r));
+  }
+  for (; j < j1; ++j) {
+    alignas(32) float v[8];
+    _mm256_store_ps(v, chunk_products(row(j), h));
+    e[j] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+  }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
 static_assert(CH == 32, "the AVX2 loops hold a chunk as four 8-float vectors");
 
 constexpr int64_t AHEAD = 8;  // entries between a row's prefetch and its use: the reads are random within L2
+constexpr bool PREFETCH_DECODER = true;
 
 // prefetch the packed row of entry min(j + AHEAD, j1 - 1) (two cache lines)
 inline void prefetch_entry(const float* Pt, const int32_t* f, int64_t j, int64_t j1) {
@@ -223,6 +294,8 @@ inline void dots_chunk(const float* Pt, const int32_t* f, int64_t j0, int64_t j1
   }
 }
 #else  // portable loops (the compiler vectorises over the chunk)
+constexpr bool PREFETCH_DECODER = false;
+
 template <bool Prefetch, bool Add>
 inline void weighted_sum(const float* Pt, const float* a, const int32_t* f, int64_t j0, int64_t j1, float* out) {
   float acc[CH] = {};
@@ -245,7 +318,7 @@ inline void dots_chunk(const float* Pt, const int32_t* f, int64_t j0, int64_t j1
 
 // the forward pass: one (row, segment) from the decoder chunk in L2
 inline void sum_chunk(const float* Pt, const float* a, const int32_t* f, int64_t j0, int64_t j1, float* out) {
-  weighted_sum<true, false>(Pt, a, f, j0, j1, out);
+  weighted_sum<PREFETCH_DECODER, false>(Pt, a, f, j0, j1, out);
 }
 
 // the dW pass: one feature of a tile, added to its row of dW's packed chunk, from the tile's packed gradients
