@@ -13,8 +13,9 @@ For each active fraction (b_enc shifted as in train_step.py, from the paper's in
     gradient), and each pass's multiply-adds per second (entries x d_in) against the full level's
     GEMM z @ W_dec on the same data;
   * the fused loss's forward + backward (no optimizer) in each layout;
-  * the chain of level reconstructions and errors (forward + backward, the pieces of the gathered
-    layout): per-level tensor ops against the compiled `LevelChain`.
+  * the gathered layout's segments with the chain of level reconstructions and errors over them
+    (forward + backward): `GatheredSegments` followed by per-level tensor ops, against
+    `GatheredChain`, which folds the chain into the kernels' passes.
 Every timing is the minimum over `--repeats` calls, and the settings are interleaved over
 `--rounds`; ratios are medians of within-round ratios (this VM's speed drifts between minutes).
 """
@@ -33,7 +34,8 @@ import torch.nn.functional as F
 from msae_ext.architectures import cpu_kernels, nested_topk, resolve_k_list
 from msae_ext.architectures.base import batch_mean_error, reconstruction_loss
 from msae_ext.architectures.nested_topk import (
-    LevelChain,
+    GatheredChain,
+    GatheredSegments,
     gathered_run,
     nested_selection,
     nested_topk_loss_fused,
@@ -120,27 +122,32 @@ def loss_ms(x, pre, W, k_list, mode, repeats) -> float:
         return best_ms(step, repeats)
 
 
-def chain_ms(x, n_pieces, repeats) -> dict[str, float]:
-    """The levels' chain from `n_pieces` decoded pieces, forward + backward: the per-level ops the
-    fused loss runs without the kernels, and `LevelChain`."""
-    g = torch.Generator().manual_seed(1)
-    Y0, base0 = torch.randn(x.shape[0], n_pieces, x.shape[1], generator=g), torch.randn(x.shape[1], generator=g)
+def chain_ms(x, pre, W, run, repeats) -> dict[str, float]:
+    """The gathered run `run` (one `layout`) and the levels' chain over it, forward + backward:
+    `GatheredSegments` and then a (B, d_in) op per level, as the fused loss runs where the chain is
+    not one gathered run, against `GatheredChain` (the chain folded into the kernels' passes)."""
+    idx, bounds, ends, _ = run
+    z0, W0, base0 = pre.relu(), W, torch.zeros(W.shape[1])
+
+    def leaves():
+        return z0.clone().requires_grad_(), W0.clone().requires_grad_(), base0.clone().requires_grad_()
 
     def ops():
-        Y, recon = Y0.clone().requires_grad_(), base0.clone().requires_grad_()
-        losses = []
+        z, W, base = leaves()
+        _, Y = GatheredSegments.apply(z, W, idx, bounds, False, ends)
+        recon, losses = base, []
         for piece in Y.unbind(1):
             recon = recon + piece
             losses.append(reconstruction_loss(recon, x, "mse"))
         sum(losses).backward()
 
-    def kernel():
-        Y, base = Y0.clone().requires_grad_(), base0.clone().requires_grad_()
-        _, errors = LevelChain.apply(Y, base, x)
+    def folded():
+        z, W, base = leaves()
+        _, _, errors = GatheredChain.apply(z, W, idx, bounds, False, ends, base, x)
         batch_mean_error(errors, x, "mse").sum().backward()
 
-    clone = best_ms(lambda: Y0.clone(), repeats)  # both time a clone of the pieces: taken off
-    return {"ops": best_ms(ops, repeats) - clone, "kernel": best_ms(kernel, repeats) - clone}
+    clone = best_ms(leaves, repeats)  # both time the clones of their leaves: taken off
+    return {"ops": best_ms(ops, repeats) - clone, "kernel": best_ms(folded, repeats) - clone}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -188,11 +195,13 @@ def main(argv: list[str] | None = None) -> None:
                           for t in LAYOUTS[1:])
         print(f"GEMM z @ W_dec: {gemm_ms:.1f} ms, {gemm_rate / 1e6:.1f} G multiply-adds/s; "
               f"loss f+b, segments / layout: {gains}; auto picks {picked}")
-    n_pieces = len(piece_ranges(selection(pre, k_list, "gathered")))
-    chains = [chain_ms(x, n_pieces, args.repeats) for _ in range(args.rounds)]
+    run = layout(pre, k_list, "gathered")
+    chains = [chain_ms(x, pre, W, run, args.repeats) for _ in range(args.rounds)]
     ops, kernel = (statistics.median(c[key] for c in chains) for key in ("ops", "kernel"))
-    print(f"\nlevel chain, {n_pieces} pieces, forward + backward: per-level ops {ops:.1f} ms, LevelChain "
-          f"{kernel:.1f} ms, ops / LevelChain {statistics.median(c['ops'] / c['kernel'] for c in chains):.2f}")
+    print(f"\nsegments and level chain, gathered layout, {len(run[1]) - 1} pieces, forward + backward: "
+          f"GatheredSegments + per-level ops {ops:.1f} ms, GatheredChain {kernel:.1f} ms, "
+          f"ratio {statistics.median(c['ops'] / c['kernel'] for c in chains):.2f}")
+
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,17 @@ import pytest
 import torch
 
 from msae_ext.architectures import cpu_kernels, nested_topk
-from msae_ext.architectures.nested_topk import GatheredSegments, LevelChain, rank_segments
+from msae_ext.architectures.nested_topk import GatheredChain, GatheredSegments, rank_segments
+
+
+def cpu_kernels_has_avx512() -> bool:
+    """Whether this CPU has the AVX-512 subsets the kernels' AVX-512 loops need (F and DQ)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512f" in flags and "avx512dq" in flags
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +224,8 @@ def test_kernels_name_bad_input(kernels):
 
 
 def _chain_by_ops(Y, base, x):
-    """The chain LevelChain replaces, as the fused loss wrote it: a (B, d) op per level."""
+    """The chain `GatheredChain` folds into the kernels, as the fused loss writes it without them: a
+    (B, d) op per level."""
     recon, recons, errors = base, [], []
     for piece in Y.unbind(1):
         recon = recon + piece
@@ -223,50 +234,92 @@ def _chain_by_ops(Y, base, x):
     return torch.stack(recons, 1), torch.stack(errors, 1)
 
 
-# d = 19: two blocks of eight and a remainder; 130 rows: three blocks of the backward's base sums
-@pytest.mark.parametrize("shape", [(130, 5, 19), (3, 1, 8), (1, 4, 3)], ids=["remainder", "one_piece", "narrow"])
+# d = 19: a partial chunk of 32 columns; 1100 rows: blocks of 512 rows (forward, dz) and of 1024
+# rows, whole and partial tiles (dW, and the base's gradient summed along it)
+@pytest.mark.parametrize("shape", [(130, 50, 19, [0, 3, 8, 20]), (3, 16, 5, [0, 4]), (1100, 40, 40, [0, 2, 9])],
+                         ids=["remainder", "one_piece", "row_blocks"])
 @pytest.mark.parametrize("use", ["both", "errors", "reconstructions"])
-def test_level_chain_matches_the_ops(kernels, shape, use):
-    """Values and the gradients of the pieces, the base and the target against float64 ops, with
-    the gradient flowing from the errors, the reconstructions (the outputs), or both."""
-    B, S, d = shape
-    g = torch.Generator().manual_seed(B + S + d)
-    Y, base, x = torch.randn(B, S, d, generator=g), torch.randn(d, generator=g), torch.randn(B, d, generator=g)
-    wP, wE = torch.randn(B, S, d, generator=g), torch.rand(B, S, generator=g)
+def test_gathered_chain_matches_the_ops(kernels, shape, use):
+    """`GatheredChain` (the segments and the chain of levels in the kernels) against float64 math:
+    the full level's GEMM, the segments (columns past `ends` skipped) and the per-level chain ops.
+    Values, and the gradients of z, W, the base and the target, with the gradient flowing from the
+    errors, the levels (the outputs), or both, and from the full level."""
+    B, D, d, bounds = shape
+    z, W, idx = _case(B, D, d, bounds, seed=B + d)
+    g = torch.Generator().manual_seed(B + D + d)
+    S = len(bounds) - 1
+    base, x = torch.randn(d, generator=g), torch.randn(B, d, generator=g)
+    ends = torch.randint(0, bounds[-1] + 1, (B,), generator=g, dtype=torch.int32)
+    wF, wP, wE = torch.randn(B, d, generator=g), torch.randn(B, S, d, generator=g), torch.rand(B, S, generator=g)
 
-    def objective(P, E):  # a term left out sends no gradient (None), not zeros
-        terms = [(wE.to(E.dtype) * E).sum()] if use != "reconstructions" else []
+    def objective(F, P, E):  # a term left out sends no gradient (None), not zeros
+        terms = [(wF.to(F.dtype) * F).sum()]
+        terms += [(wE.to(E.dtype) * E).sum()] if use != "reconstructions" else []
         return sum(terms + ([(wP.to(P.dtype) * P).sum()] if use != "errors" else []))
 
-    leaves = [t.clone().requires_grad_() for t in (Y, base, x)]
-    P, E = LevelChain.apply(*leaves)
-    grads = torch.autograd.grad(objective(P, E), leaves)
-    want_leaves = [t.double().requires_grad_() for t in (Y, base, x)]
-    P64, E64 = _chain_by_ops(*want_leaves)
-    want = torch.autograd.grad(objective(P64, E64), want_leaves, allow_unused=True)
+    leaves = [t.clone().requires_grad_() for t in (z, W, base, x)]
+    F, P, E = GatheredChain.apply(leaves[0], leaves[1], idx, bounds, True, ends, leaves[2], leaves[3])
+    grads = torch.autograd.grad(objective(F, P, E), leaves)
+    want_leaves = [t.double().requires_grad_() for t in (z, W, base, x)]
+    Y64 = _dense_segments(want_leaves[0], want_leaves[1], idx, bounds, ends)
+    P64, E64 = _chain_by_ops(Y64, want_leaves[2], want_leaves[3])
+    F64 = want_leaves[0] @ want_leaves[1]
+    want = torch.autograd.grad(objective(F64, P64, E64), want_leaves, allow_unused=True, retain_graph=True)
     want = [torch.zeros_like(t) if w is None else w for w, t in zip(want, want_leaves)]  # x unused: zero
-    torch.testing.assert_close(P, P64.float(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(E, E64.float(), rtol=1e-5, atol=1e-5)
-    for got, w, name in zip(grads, want, ("pieces", "base", "target")):
-        torch.testing.assert_close(got, w.float(), rtol=1e-5, atol=1e-4, msg=name)
-    leaves[2].requires_grad_(False)  # no target gradient asked: none computed
-    P, E = LevelChain.apply(*leaves[:2], leaves[2].detach())
-    dY, d_base = torch.autograd.grad(objective(P, E), leaves[:2])
-    torch.testing.assert_close(dY, want[0].float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(F, F64.float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(P, P64.float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(E, E64.float(), rtol=1e-5, atol=1e-3)
+    for got, w, name in zip(grads, want, ("z", "W", "base", "target")):
+        torch.testing.assert_close(got, w.float(), rtol=1e-5, atol=1e-3, msg=name)
+    # no decoder gradient asked: the base's gradient from a pass of its own; no target gradient asked
+    leaves = [leaves[0], W, leaves[2], x]
+    F, P, E = GatheredChain.apply(leaves[0], W, idx, bounds, False, ends, leaves[2], x)
+    dz, d_base = torch.autograd.grad(objective(torch.zeros_like(F64).float(), P, E), [leaves[0], leaves[2]])
+    torch.testing.assert_close(d_base, want[2].float(), rtol=1e-5, atol=1e-3)
+    dz_want = torch.autograd.grad(objective(torch.zeros_like(F64), P64, E64), want_leaves[0])[0]
+    torch.testing.assert_close(dz, dz_want.float(), rtol=1e-5, atol=1e-3)
 
 
-def test_level_chain_names_bad_input(kernels):
-    Y, base, x = torch.zeros(4, 3, 8), torch.zeros(8), torch.zeros(4, 8)
-    with pytest.raises(RuntimeError, match=r"pieces \(B, S, d\)"):
-        kernels.level_chain_forward(Y.double(), base, x)
-    with pytest.raises(RuntimeError, match="base of 8 entries"):
-        kernels.level_chain_forward(Y, torch.zeros(7), x)
-    with pytest.raises(RuntimeError, match=r"target of shape \(4, 8\)"):
-        kernels.level_chain_forward(Y, base, torch.zeros(5, 8))
-    with pytest.raises(RuntimeError, match=r"errors \(B, S\)"):
-        kernels.level_chain_backward(Y, x, None, torch.zeros(4, 2), False)
-    with pytest.raises(RuntimeError, match="reconstructions shaped like them"):
-        kernels.level_chain_backward(Y, x, torch.zeros(4, 3, 7), torch.zeros(4, 3), False)
+def test_chain_kernels_name_bad_input(kernels):
+    z, W, idx = _case(4, 10, 8, [0, 2, 5], seed=0)
+    base, x, P, dE = torch.zeros(8), torch.zeros(4, 8), torch.zeros(4, 2, 8), torch.zeros(4, 2)
+    with pytest.raises(RuntimeError, match=r"base must be a contiguous float32 CPU tensor of shape \[8\]"):
+        kernels.segments_chain_forward(z, W, idx, [0, 2, 5], None, torch.zeros(7), x)
+    with pytest.raises(RuntimeError, match=r"x must be .* of shape \[4, 8\]"):
+        kernels.segments_chain_forward(z, W, idx, [0, 2, 5], None, base, x.double())
+    with pytest.raises(RuntimeError, match=r"dE must be .* of shape \[4, 2\]"):
+        kernels.segments_chain_backward(z, W, idx, [0, 2, 5], P, x, None, torch.zeros(4, 3), None, None)
+    with pytest.raises(RuntimeError, match=r"dP must be .* of shape \[4, 2, 8\]"):
+        kernels.segments_chain_backward(z, W, idx, [0, 2, 5], P, x, torch.zeros(4, 2, 7), dE, None, None)
+    with pytest.raises(RuntimeError, match="dW must be a contiguous float32 tensor shaped like W"):
+        kernels.segments_chain_backward(z, W, idx, [0, 2, 5], P, x, None, dE, None, torch.zeros(10, 7))
+
+
+@pytest.mark.skipif(not cpu_kernels_has_avx512(), reason="no AVX-512 here: the default build is the AVX2 one")
+def test_the_avx2_loops_match_the_avx512_ones(kernels, tmp_path):
+    """CPUs without AVX-512 run the AVX2 loops, which no default build here exercises: build them
+    (-mno-avx512f) and compare every pass with the default build on one case."""
+    from torch.utils import cpp_extension
+
+    cpu_kernels._ninja_on_path()
+    avx2 = cpp_extension.load(name="msae_nested_segments_avx2_test", sources=[str(cpu_kernels.SOURCE)],
+                              extra_cflags=["-O3", "-march=native", "-mno-avx512f", "-ffp-contract=fast", "-fopenmp"],
+                              extra_ldflags=["-fopenmp"], build_directory=str(tmp_path), verbose=False)
+    bounds = [0, 3, 3, 8, 20]
+    z, W, idx = _case(600, 50, 77, bounds, seed=1)
+    g = torch.Generator().manual_seed(1)
+    H, base, x = torch.randn(600, 4, 77, generator=g), torch.randn(77, generator=g), torch.randn(600, 77, generator=g)
+    dE = torch.rand(600, 4, generator=g)
+    out = {}
+    for name, m in (("avx512", kernels), ("avx2", avx2)):
+        dz, dW = torch.empty_like(z), torch.zeros_like(W)
+        m.segments_backward(z, W, idx, bounds, H, dz, dW, None, overwrite_dz=True)
+        cz, cW = torch.empty_like(z), torch.zeros_like(W)
+        P, E = m.segments_chain_forward(z, W, idx, bounds, None, base, x)
+        d_base = m.segments_chain_backward(z, W, idx, bounds, P, x, None, dE, cz, cW, None, overwrite_dz=True)
+        out[name] = (m.segments_forward(z, W, idx, bounds), dz, dW, P, E, cz, cW, d_base)
+    for a, b in zip(out["avx512"], out["avx2"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
 
 
 def test_a_failed_build_warns_and_falls_back(monkeypatch):

@@ -160,8 +160,8 @@ def test_nan_pre_activation_gives_a_nan_loss_in_every_layout(layout_mode, monkey
 
 
 @pytest.mark.parametrize("layout_mode", ["segments", "tail", "gathered"])
-def test_level_chain_takes_a_run_that_is_the_whole_chain(layout_mode, monkeypatch):
-    """With the compiled kernels, the levels' reconstructions and errors come from `LevelChain`
+def test_gathered_chain_takes_a_run_that_is_the_whole_chain(layout_mode, monkeypatch):
+    """With the compiled kernels, the levels' reconstructions and errors come from `GatheredChain`
     where one gathered run is the whole chain of levels (segments; gathered), and from per-level
     ops where level K is the full level minus its tail; loss and gradients match the reference
     either way. Without the kernels the chain is not used."""
@@ -172,8 +172,8 @@ def test_level_chain_takes_a_run_that_is_the_whole_chain(layout_mode, monkeypatc
     monkeypatch.setitem(nested_topk.DENSE_DECODE_FRACTION, ("cpu", False), float("inf"))
     monkeypatch.setattr(nested_topk, "LAYOUT", layout_mode)
     calls = []
-    apply = nested_topk.LevelChain.apply
-    monkeypatch.setattr(nested_topk.LevelChain, "apply", lambda *args: calls.append(1) or apply(*args))
+    apply = nested_topk.GatheredChain.apply
+    monkeypatch.setattr(nested_topk.GatheredChain, "apply", lambda *args: calls.append(1) or apply(*args))
     fused, ref = _pair(24, 128, 0, k_list=[4, 8, 16, 32, 128], recon_loss="nmse")
     with torch.no_grad():
         for sae in (fused, ref):

@@ -37,14 +37,17 @@ GEMMs) per level. It is the oracle of the tests.
     the decoder gradient a tile of rows at a time, feature by feature, AVX-512 or AVX2 where available; a
     select per row instead of a sort), built on first use; where they do
     not build, the PyTorch path above computes the same values. Where one gathered run is the
-    whole chain of levels (no level K = full - tail), `LevelChain` does the chain's adds and
-    squared errors a row at a time and writes the suffix sums of the level gradients straight
-    into one gradient of the run (no (B, d_in) op per level, no stack of per-piece gradients).
+    whole chain of levels (no level K = full - tail), `GatheredChain` folds the chain into the
+    kernels' passes: the forward pass adds each segment into its level as it sums it and adds up
+    the levels' squared errors chunk by chunk, and the backward passes compute the suffix sums of
+    the level gradients from the levels where they read them: no (B, S, d_in) tensor of the
+    segments nor of their gradients, and no (B, d_in) op per level.
   * Segments at least DENSE_DECODE_FRACTION of d_sae wide (on a GPU) are decoded by
     `DenseSegmentDecode` instead: a scatter into one (B, d_sae) buffer and GEMMs (tensor cores beat
     gathers there); the buffer is rebuilt in backward rather than kept.
 Extra memory: the (B, K) int32 ranking, kept for backward, one (B, d_in) reconstruction per
-level, and transients: (kernels) a (B, K) float32 buffer in forward, the entries of 1024 rows
+level, and transients: (kernels) a (B, K) float32 buffer and the levels' squared errors per
+column chunk (d_in / 32 x B x levels floats) in forward, the entries of 1024 rows
 grouped by feature (8 bytes an entry) in backward, and a packed decoder chunk per thread,
 (PyTorch path) feature-sorted index arrays and blocked GEMM slices, (dense segments) one
 (B, d_sae) buffer.
@@ -352,10 +355,7 @@ class GatheredSegments(torch.autograd.Function):
         dz = dW = None
         want_z, want_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.with_full and d_full is not None:
-            with torch.autocast(z.device.type, dtype=ctx.autocast or torch.bfloat16,
-                                enabled=ctx.autocast is not None):
-                dz = (d_full @ W.T).to(z.dtype) if want_z else None
-                dW = (z.T @ d_full).to(W.dtype) if want_W else None
+            dz, dW = _full_level_grads(ctx, z, W, d_full)
         if dY is None:
             return dz, dW, None, None, None, None
         with torch.autocast(z.device.type, enabled=False):  # the segments stay float32
@@ -418,40 +418,69 @@ class GatheredSegments(torch.autograd.Function):
         return dz, dW
 
 
-class LevelChain(torch.autograd.Function):
-    """The levels' reconstructions from a run of decoded pieces Y (B, S, d_in), and their squared
-    errors, by the compiled CPU kernels:
+def _full_level_grads(ctx, z: torch.Tensor, W: torch.Tensor, d_full: torch.Tensor
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The full level's GEMM gradients dz = d_full W^T and dW = z^T d_full (those asked for), under
+    the autocast the forward GEMM ran with: the (B, d_sae) buffer the segments' terms are added to."""
+    with torch.autocast(z.device.type, dtype=ctx.autocast or torch.bfloat16, enabled=ctx.autocast is not None):
+        dz = (d_full @ W.T).to(z.dtype) if ctx.needs_input_grad[0] else None
+        dW = (z.T @ d_full).to(W.dtype) if ctx.needs_input_grad[1] else None
+    return dz, dW
 
-        P[:, s] = base + sum_{s' <= s} Y[:, s'],    E[:, s] = ||P[:, s] - x||^2  (per row)
 
-    The same math as the chain `recon = recon + piece` with `(recon - x).pow(2).sum(-1)` per level,
-    whose backward hands piece s the suffix sum of the gradients of the levels from s on. Here one
-    pass over a row does a level's add and error in cache, and the backward writes those suffix
-    sums straight into one (B, S, d_in) gradient: no (B, d_in) tensor op per level, and no stack of
-    the pieces' gradients. Kept for backward: P (the levels' outputs, which the chain keeps too)."""
+class GatheredChain(torch.autograd.Function):
+    """`GatheredSegments` and the chain of levels over its segments in the compiled CPU kernels,
+    without the (B, S, d_in) segments or their gradient:
+
+        F = z W (when `with_full`),   P[:, s] = base + sum_{s' <= s} Y[:, s'],   E[:, s] = ||P[:, s] - x||^2
+
+    with Y[:, s] the segments' sums as in `GatheredSegments`. The forward pass adds each segment
+    into its level as it is summed, and adds up each level's squared error chunk by chunk; the
+    backward passes compute the suffix sums of the levels' gradients (what autograd would hand each
+    segment) from P, x and the gradients of P and E where they read them. Kept for backward: z, W,
+    the indices, `ends` and P (the levels' outputs, which the caller keeps too). The same math as
+    `GatheredSegments` followed by `recon = recon + piece` and `(recon - x).pow(2).sum(-1)` per level.
+    Only for contiguous float32 CPU operands with the kernels built (`_chain_kernels_for`)."""
 
     @staticmethod
-    def forward(ctx, Y, base, x):  # type: ignore[override]
+    def forward(ctx, z, W, idx, bounds, with_full, ends, base, x):  # type: ignore[override]
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros
-        P, E = cpu_kernels.segment_kernels().level_chain_forward(Y, base, x)
-        ctx.save_for_backward(P, x)
-        return P, E
+        ctx.autocast = autocast_dtype(z.device.type)
+        ctx.bounds, ctx.with_full = bounds, with_full
+        idx = idx.to(torch.int32).contiguous()
+        kernels = cpu_kernels.segment_kernels()
+        P, E = kernels.segments_chain_forward(z, W, idx, list(bounds), ends, base, x)
+        full = (z @ W).to(z.dtype) if with_full else z.new_empty(0)
+        ctx.save_for_backward(z, W, idx, ends, P, x)
+        return full, P, E
 
     @staticmethod
-    def backward(ctx, dP, dE):  # type: ignore[override]
-        P, x = ctx.saved_tensors
+    def backward(ctx, d_full, dP, dE):  # type: ignore[override]
+        z, W, idx, ends, P, x = ctx.saved_tensors
+        want_z, want_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dz = dW = None
+        if ctx.with_full and d_full is not None:
+            dz, dW = _full_level_grads(ctx, z, W, d_full)
         dE = P.new_zeros(P.shape[:2]) if dE is None else dE.contiguous()
         dP = None if dP is None else dP.contiguous()
-        dY, d_base, dx = cpu_kernels.segment_kernels().level_chain_backward(P, x, dP, dE, ctx.needs_input_grad[2])
-        return dY, d_base if ctx.needs_input_grad[1] else None, dx if ctx.needs_input_grad[2] else None
+        with torch.autocast(z.device.type, enabled=False):  # the segments stay float32
+            new_dz = want_z and dz is None  # then written whole by the kernel: no zero fill first
+            dz = torch.empty_like(z) if new_dz else dz
+            dW = torch.zeros_like(W) if want_W and dW is None else dW
+            d_base = cpu_kernels.segment_kernels().segments_chain_backward(
+                z, W, idx, list(ctx.bounds), P, x, dP, dE, dz, dW, ends, overwrite_dz=new_dz)
+            dx = None
+            if ctx.needs_input_grad[7]:  # x is the SAE's input, which seldom asks for a gradient
+                dx = -(2 * dE[..., None] * (P - x[:, None])).sum(1)
+        return dz, dW, None, None, None, None, d_base if ctx.needs_input_grad[6] else None, dx
 
 
-def _chain_kernels_for(Y: torch.Tensor, base: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether `LevelChain` applies: the compiled kernels, and contiguous float32 CPU operands."""
-    tensors = (Y, base, x)
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+def _chain_kernels_for(z: torch.Tensor, W: torch.Tensor, base: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether `GatheredChain` applies: the compiled kernels, and contiguous float32 CPU operands."""
+    if base.dim() != 1 or any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous()
+                              for t in (base, x)):
         return False
-    return base.dim() == 1 and cpu_kernels.segment_kernels() is not None
+    return _kernels_for(z, W) is not None
 
 
 def piece_ranges(sel: NestedSelection) -> list[tuple[int, int]]:
@@ -558,7 +587,7 @@ def nested_topk_loss_fused(
     prefix_levels = sel.partial[:-1] if tail_subtracted else sel.partial
     if segments:
         pieces: list[torch.Tensor] = []  # each range's decode, in order
-        chain = None  # the (B, S, d_in) decodes when one gathered run is the whole chain of levels
+        chain = None  # (levels, errors) when one gathered run is the whole chain of levels (`GatheredChain`)
         j = 0
         while j < len(segments):
             lo, k = segments[j]
@@ -574,16 +603,17 @@ def nested_topk_loss_fused(
             idx, bounds, ends = gathered_run(sel, segments[j:end])
             # the first run also does the full GEMM, unless the full level is gathered
             with_full = need_full and full_out is None and not sel.full_gathered
-            full, Y = GatheredSegments.apply(z, W_dec, idx, bounds, with_full, ends)
+            if j == 0 and end == len(segments) and not tail_subtracted and _chain_kernels_for(z, W_dec, b_dec, x):
+                # every piece is a step of the chain: the levels straight from the kernels
+                full, *chain = GatheredChain.apply(z, W_dec, idx, bounds, with_full, ends, b_dec, x)
+            else:
+                full, Y = GatheredSegments.apply(z, W_dec, idx, bounds, with_full, ends)
+                pieces.extend(Y.unbind(1))
             if with_full:
                 full_out = full + b_dec
-            if j == 0 and end == len(segments) and not tail_subtracted and _chain_kernels_for(Y, b_dec, x):
-                chain = Y  # every piece is a step of the chain
-            else:
-                pieces.extend(Y.unbind(1))
             j = end
-        if chain is not None:  # the chain below in one compiled pass a row (`LevelChain`)
-            recons, errors = LevelChain.apply(chain, b_dec, x)
+        if chain is not None:
+            recons, errors = chain
             level_errors = batch_mean_error(errors, x, recon_loss).unbind()
             for s, k in enumerate(prefix_levels):
                 partial_out[k], partial_loss[k] = recons[:, s], level_errors[s]

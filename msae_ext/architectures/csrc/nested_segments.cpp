@@ -22,10 +22,14 @@
 // chunks. Besides the columns past `ends`, an entry whose activation is zero is skipped by the dW
 // pass; dz is computed for every other entry (the ReLU that made a zero stops it).
 //
-// Also here: `nested_select` (the rank segments of each row, without a sort), `count_positive`
-// (each row's positive entries and a NaN flag, which decide the fused loss's layout) and
-// `level_chain_forward` / `_backward` (the levels' reconstructions and squared errors from the
-// decoded pieces, and their gradients, a row at a time).
+// `segments_chain_forward` / `_backward` are the same passes with the chain of levels over the
+// segments folded in (`GatheredChain`): the forward pass adds each segment into its level as it is
+// summed and writes the levels P (B, S, d) with their squared errors, instead of the segments; the
+// backward passes compute each row's suffix sums of the levels' gradients from P, x and the
+// gradients of P and E where they read them, instead of reading a (B, S, d) H.
+//
+// Also here: `nested_select` (the rank segments of each row, without a sort) and `count_positive`
+// (each row's positive entries and a NaN flag, which decide the fused loss's layout).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -393,17 +397,34 @@ struct FeatureMajor {
   }
 };
 
-}  // namespace
 
-torch::Tensor segments_forward(const torch::Tensor& z, const torch::Tensor& W, const torch::Tensor& idx,
-                               const std::vector<int64_t>& bounds, const c10::optional<torch::Tensor>& ends) {
-  const Shape n = check(z, W, idx, bounds);
-  const auto end = row_ends(ends, n);
-  auto Y = torch::empty({n.B, n.S, n.d}, z.options());
+// The chain of levels over the segments, when the kernels compute it: base (d), x (B, d), and
+// (backward) the levels' reconstructions P (B, S, d), their gradient dP (B, S, d) or none, and the
+// gradient dE (B, S) of their squared errors E[b, s] = |P[b, s] - x[b]|^2.
+struct Chain {
+  const float* base = nullptr;
+  const float* x = nullptr;
+  const float* P = nullptr;
+  const float* dP = nullptr;
+  const float* dE = nullptr;
+};
+
+void check_chain_operand(const torch::Tensor& t, std::vector<int64_t> shape, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous() &&
+                  t.sizes() == c10::IntArrayRef(shape),
+              "segments_chain: ", what, " must be a contiguous float32 CPU tensor of shape ", c10::IntArrayRef(shape),
+              ", got ", t.sizes(), " (", t.scalar_type(), ")");
+}
+
+// The forward pass. Without a chain: Y[b, s] (B, S, d), the segments' sums. With one: Y[b, s] is
+// P[b, s] = base + Y_0 + ... + Y_s (the same additions, in the same order, as the chain of levels),
+// and err (chunks, B, S) gets each chunk's part of |P[b, s] - x[b]|^2.
+void forward_pass(const torch::Tensor& z, const torch::Tensor& W, const torch::Tensor& idx,
+                  const std::vector<int64_t>& bounds, const std::vector<int64_t>& end, const Shape& n,
+                  const Chain* chain, float* Yp, float* err) {
   const int32_t* ip = idx.data_ptr<int32_t>();
   const auto c = gather_activations(z.data_ptr<float>(), ip, n);
   const float* Wp = W.data_ptr<float>();
-  float* Yp = Y.data_ptr<float>();
   for (int64_t r0 = 0; r0 < n.B; r0 += ROWS) at::parallel_for(0, n_chunks(n.d), 1, [&](int64_t t0, int64_t t1) {
     PackedRows chunk(n.D);
     const float* Pt = chunk.data();
@@ -411,36 +432,71 @@ torch::Tensor segments_forward(const torch::Tensor& z, const torch::Tensor& W, c
       const int64_t lo = t * CH, w = std::min(CH, n.d - lo);
       pack_chunk(Wp, n.D, n.d, t, 0, n.D, chunk.data());
       for (int64_t b = r0; b < std::min(n.B, r0 + ROWS); ++b) {
+        alignas(64) float acc[CH] = {};  // the chain's level, this chunk of it
+        if (chain) std::copy_n(chain->base + lo, w, acc);
         for (int64_t s = 0; s < n.S; ++s) {
-          alignas(32) float out[CH];
+          alignas(64) float out[CH];
           sum_chunk(Pt, c.data() + b * n.K, ip + b * n.K, seg_lo(bounds, s, end[b]), seg_hi(bounds, s, end[b]), out);
-          std::copy_n(out, w, Yp + (b * n.S + s) * n.d + lo);
+          float* y = Yp + (b * n.S + s) * n.d + lo;
+          if (!chain) {
+            std::copy_n(out, w, y);
+            continue;
+          }
+          const float* xb = chain->x + b * n.d + lo;
+          float lane[8] = {};  // eight partial sums: the reduction vectorises without reassociation flags
+          for (int64_t k0 = 0; k0 < CH; k0 += 8) {
+            for (int l = 0; l < 8; ++l) {
+              const int64_t k = k0 + l;
+              acc[k] += out[k];
+              const float r = k < w ? acc[k] - xb[std::min(k, w - 1)] : 0.f;
+              lane[l] += r * r;
+            }
+          }
+          std::copy_n(acc, w, y);
+          err[(t * n.B + b) * n.S + s] =
+              ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
         }
       }
     }
   });
-  return Y;
 }
 
-// Adds the segments' terms into dz (B, D) and dW (D, d) in place; either may be None. With
-// `overwrite_dz`, dz's prior contents are ignored: each row is written whole, zero outside its
-// entries (one pass over dz instead of a zero fill and then the scatter).
-void segments_backward(const torch::Tensor& z, const torch::Tensor& W, const torch::Tensor& idx,
-                       const std::vector<int64_t>& bounds, const torch::Tensor& H,
-                       const c10::optional<torch::Tensor>& dz, const c10::optional<torch::Tensor>& dW,
-                       const c10::optional<torch::Tensor>& ends, bool overwrite_dz) {
-  const Shape n = check(z, W, idx, bounds);
-  const auto end = row_ends(ends, n);
-  TORCH_CHECK(H.scalar_type() == torch::kFloat && H.is_contiguous() && H.dim() == 3 && H.size(0) == n.B &&
-                  H.size(1) == n.S && H.size(2) == n.d,
-              "nested_segments: contiguous float32 upstream gradient of shape (B, segments, d) expected");
+// Row b's upstream gradients at columns [lo, lo + w): h[s * CH + k], zero past w. Without a chain,
+// the rows of H (B, S, d); with one, the suffix sums of the levels' gradients
+//   g[b, s] = dP[b, s] + 2 dE[b, s] (P[b, s] - x[b]),   h[s] = sum_{s' >= s} g[b, s']
+// (the chain's backward, the same operations in the same order), computed where they are used
+// instead of stored as a (B, S, d) tensor.
+inline void upstream_rows(const float* H, const Chain* chain, const Shape& n, int64_t b, int64_t lo, int64_t w,
+                          float* h) {
+  if (!chain) {
+    for (int64_t s = 0; s < n.S; ++s) load_chunk(h + s * CH, H + (b * n.S + s) * n.d + lo, w);
+    return;
+  }
+  alignas(64) float acc[CH] = {};
+  const float* xb = chain->x + b * n.d + lo;
+  for (int64_t s = n.S - 1; s >= 0; --s) {
+    const float c = 2.f * chain->dE[b * n.S + s];
+    const float* p = chain->P + (b * n.S + s) * n.d + lo;
+    float* hs = h + s * CH;
+    if (chain->dP) {
+      const float* g = chain->dP + (b * n.S + s) * n.d + lo;
+      for (int64_t k = 0; k < w; ++k) acc[k] += c * (p[k] - xb[k]) + g[k];
+    } else {
+      for (int64_t k = 0; k < w; ++k) acc[k] += c * (p[k] - xb[k]);
+    }
+    std::copy_n(acc, CH, hs);
+  }
+}
+
+// The backward passes: the segments' terms added into dz (B, D) and dW (D, d), either may be null,
+// from the upstream gradients of `upstream_rows`; with `d_base` (a chain only), also
+// d_base = sum_b h[b, 0], summed over the rows in order, a column chunk per thread.
+void backward_pass(const torch::Tensor& z, const torch::Tensor& W, const torch::Tensor& idx,
+                   const std::vector<int64_t>& bounds, const std::vector<int64_t>& end, const Shape& n,
+                   const float* Hp, const Chain* chain, float* dz, float* dW, float* d_base, bool overwrite_dz) {
   const int32_t* ip = idx.data_ptr<int32_t>();
-  const float* Hp = H.data_ptr<float>();
   const int64_t chunks = n_chunks(n.d);
-  if (dW.has_value() && dW->defined()) {
-    TORCH_CHECK(dW->sizes() == W.sizes() && dW->is_contiguous() && dW->scalar_type() == torch::kFloat,
-                "nested_segments: dW must be a contiguous float32 tensor shaped like W");
-    float* g = dW->data_ptr<float>();
+  if (dW) {
     FeatureMajor fm;
     for (int64_t r0 = 0; r0 < n.B; r0 += TILE_BLOCK) {
       fm.build(z.data_ptr<float>(), ip, bounds, end, n, r0, std::min(n.B, r0 + TILE_BLOCK));
@@ -452,9 +508,12 @@ void segments_backward(const torch::Tensor& z, const torch::Tensor& W, const tor
           G.zero();
           for (int64_t q = 0; q < fm.tiles; ++q) {
             const int64_t b0 = fm.tile_first(q), b1 = fm.tile_end(q);
-            for (int64_t b = b0; b < b1; ++b)
-              for (int64_t s = 0; s < n.S; ++s)
-                load_chunk(Ht.data() + ((b - b0) * n.S + s) * CH, Hp + (b * n.S + s) * n.d + lo, w);
+            for (int64_t b = b0; b < b1; ++b) {
+              float* h = Ht.data() + (b - b0) * n.S * CH;
+              upstream_rows(Hp, chain, n, b, lo, w, h);
+              if (d_base)
+                for (int64_t k = 0; k < w; ++k) d_base[lo + k] += h[k];
+            }
             const int32_t* st = fm.starts.data() + q * (n.D + 1);
             const float* cq = fm.c.data() + fm.base[q];
             const int32_t* hq = fm.code.data() + fm.base[q];
@@ -464,15 +523,23 @@ void segments_backward(const torch::Tensor& z, const torch::Tensor& W, const tor
             }
           }
           for (int64_t f = 0; f < n.D; ++f)
-            for (int64_t k = 0; k < w; ++k) g[f * n.d + lo + k] += G.data()[f * CH + k];
+            for (int64_t k = 0; k < w; ++k) dW[f * n.d + lo + k] += G.data()[f * CH + k];
         }
       });
     }
+  } else if (d_base) {  // no dW pass to sum it along: a pass of its own, a column chunk per thread
+    at::parallel_for(0, chunks, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> h(n.S * CH);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t lo = t * CH, w = std::min(CH, n.d - lo);
+        for (int64_t b = 0; b < n.B; ++b) {
+          upstream_rows(Hp, chain, n, b, lo, w, h.data());
+          for (int64_t k = 0; k < w; ++k) d_base[lo + k] += h[k];
+        }
+      }
+    });
   }
-  if (dz.has_value() && dz->defined()) {
-    TORCH_CHECK(dz->sizes() == z.sizes() && dz->is_contiguous() && dz->scalar_type() == torch::kFloat,
-                "nested_segments: dz must be a contiguous float32 tensor shaped like z");
-    float* g = dz->data_ptr<float>();
+  if (dz) {
     const float* Wp = W.data_ptr<float>();
     PackedRows Pt(n.D);                               // the current chunk, packed
     std::vector<float> E(std::min(n.B, ROWS) * n.K);  // a block's per-entry dot products, over the chunks
@@ -483,13 +550,12 @@ void segments_backward(const torch::Tensor& z, const torch::Tensor& W, const tor
         const int64_t lo = t * CH, w = std::min(CH, n.d - lo);
         at::parallel_for(0, n.D, 256, [&](int64_t f0, int64_t f1) { pack_chunk(Wp, n.D, n.d, t, f0, f1, Pt.data()); });
         at::parallel_for(r0, r1, 16, [&](int64_t b0, int64_t b1) {  // threads take disjoint rows
+          std::vector<float> h(n.S * CH);
           for (int64_t b = b0; b < b1; ++b) {
-            for (int64_t s = 0; s < n.S; ++s) {
-              alignas(32) float h[CH];
-              load_chunk(h, Hp + (b * n.S + s) * n.d + lo, w);
-              dots_chunk(Pt.data(), ip + b * n.K, seg_lo(bounds, s, end[b]), seg_hi(bounds, s, end[b]), h,
-                         E.data() + (b - r0) * n.K);
-            }
+            upstream_rows(Hp, chain, n, b, lo, w, h.data());
+            for (int64_t s = 0; s < n.S; ++s)
+              dots_chunk(Pt.data(), ip + b * n.K, seg_lo(bounds, s, end[b]), seg_hi(bounds, s, end[b]),
+                         h.data() + s * CH, E.data() + (b - r0) * n.K);
           }
         });
       }
@@ -497,13 +563,102 @@ void segments_backward(const torch::Tensor& z, const torch::Tensor& W, const tor
         for (int64_t b = b0; b < b1; ++b) {  // indices are unique within a row: no collisions
           const int32_t* ib = ip + b * n.K;
           const float* eb = E.data() + (b - r0) * n.K;
-          float* gb = g + b * n.D;
+          float* gb = dz + b * n.D;
           if (overwrite_dz) std::fill_n(gb, n.D, 0.f);
           for (int64_t j = 0; j < end[b]; ++j) gb[ib[j]] += eb[j];
         }
       });
     }
   }
+}
+
+// an optional gradient to add into: a contiguous float32 tensor shaped like its operand, or null
+float* optional_out(const c10::optional<torch::Tensor>& t, const torch::Tensor& like, const char* what,
+                    const char* like_name) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->sizes() == like.sizes() && t->is_contiguous() && t->scalar_type() == torch::kFloat,
+              "nested_segments: ", what, " must be a contiguous float32 tensor shaped like ", like_name);
+  return t->data_ptr<float>();
+}
+
+}  // namespace
+
+torch::Tensor segments_forward(const torch::Tensor& z, const torch::Tensor& W, const torch::Tensor& idx,
+                               const std::vector<int64_t>& bounds, const c10::optional<torch::Tensor>& ends) {
+  const Shape n = check(z, W, idx, bounds);
+  auto Y = torch::empty({n.B, n.S, n.d}, z.options());
+  forward_pass(z, W, idx, bounds, row_ends(ends, n), n, nullptr, Y.data_ptr<float>(), nullptr);
+  return Y;
+}
+
+// The segments and the chain of levels over them in one pass (`GatheredChain`):
+//   P[b, s] = base + sum_{s' <= s} Y[b, s'],   E[b, s] = |P[b, s] - x[b]|^2
+// without the (B, S, d) tensor of the segments themselves.
+std::tuple<torch::Tensor, torch::Tensor> segments_chain_forward(
+    const torch::Tensor& z, const torch::Tensor& W, const torch::Tensor& idx, const std::vector<int64_t>& bounds,
+    const c10::optional<torch::Tensor>& ends, const torch::Tensor& base, const torch::Tensor& x) {
+  const Shape n = check(z, W, idx, bounds);
+  check_chain_operand(base, {n.d}, "base");
+  check_chain_operand(x, {n.B, n.d}, "x");
+  Chain chain;
+  chain.base = base.data_ptr<float>();
+  chain.x = x.data_ptr<float>();
+  auto P = torch::empty({n.B, n.S, n.d}, z.options());
+  const int64_t chunks = n_chunks(n.d);
+  std::vector<float> err(chunks * n.B * n.S);
+  forward_pass(z, W, idx, bounds, row_ends(ends, n), n, &chain, P.data_ptr<float>(), err.data());
+  auto E = torch::empty({n.B, n.S}, z.options());
+  float* ep = E.data_ptr<float>();
+  at::parallel_for(0, n.B * n.S, 1024, [&](int64_t i0, int64_t i1) {  // the chunks' parts, in order
+    for (int64_t i = i0; i < i1; ++i) {
+      float e = 0.f;
+      for (int64_t t = 0; t < chunks; ++t) e += err[t * n.B * n.S + i];
+      ep[i] = e;
+    }
+  });
+  return {P, E};
+}
+
+// Adds the segments' terms into dz (B, D) and dW (D, d) in place; either may be None. With
+// `overwrite_dz`, dz's prior contents are ignored: each row is written whole, zero outside its
+// entries (one pass over dz instead of a zero fill and then the scatter).
+void segments_backward(const torch::Tensor& z, const torch::Tensor& W, const torch::Tensor& idx,
+                       const std::vector<int64_t>& bounds, const torch::Tensor& H,
+                       const c10::optional<torch::Tensor>& dz, const c10::optional<torch::Tensor>& dW,
+                       const c10::optional<torch::Tensor>& ends, bool overwrite_dz) {
+  const Shape n = check(z, W, idx, bounds);
+  TORCH_CHECK(H.scalar_type() == torch::kFloat && H.is_contiguous() && H.dim() == 3 && H.size(0) == n.B &&
+                  H.size(1) == n.S && H.size(2) == n.d,
+              "nested_segments: contiguous float32 upstream gradient of shape (B, segments, d) expected");
+  backward_pass(z, W, idx, bounds, row_ends(ends, n), n, H.data_ptr<float>(), nullptr, optional_out(dz, z, "dz", "z"),
+                optional_out(dW, W, "dW", "W"), nullptr, overwrite_dz);
+}
+
+// The backward of `segments_chain_forward`, given the gradients dP (or None) and dE of its outputs:
+// the segments' terms added into dz and dW as `segments_backward` does, from the suffix sums of the
+// levels' gradients computed where they are used; returns d_base (d,).
+torch::Tensor segments_chain_backward(const torch::Tensor& z, const torch::Tensor& W, const torch::Tensor& idx,
+                                      const std::vector<int64_t>& bounds, const torch::Tensor& P,
+                                      const torch::Tensor& x, const c10::optional<torch::Tensor>& dP,
+                                      const torch::Tensor& dE, const c10::optional<torch::Tensor>& dz,
+                                      const c10::optional<torch::Tensor>& dW, const c10::optional<torch::Tensor>& ends,
+                                      bool overwrite_dz) {
+  const Shape n = check(z, W, idx, bounds);
+  check_chain_operand(P, {n.B, n.S, n.d}, "P");
+  check_chain_operand(x, {n.B, n.d}, "x");
+  check_chain_operand(dE, {n.B, n.S}, "dE");
+  Chain chain;
+  chain.x = x.data_ptr<float>();
+  chain.P = P.data_ptr<float>();
+  chain.dE = dE.data_ptr<float>();
+  if (dP.has_value() && dP->defined()) {
+    check_chain_operand(*dP, {n.B, n.S, n.d}, "dP");
+    chain.dP = dP->data_ptr<float>();
+  }
+  auto d_base = torch::zeros({n.d}, z.options());
+  backward_pass(z, W, idx, bounds, row_ends(ends, n), n, nullptr, &chain, optional_out(dz, z, "dz", "z"),
+                optional_out(dW, W, "dW", "W"), d_base.data_ptr<float>(), overwrite_dz);
+  return d_base;
 }
 
 // key of feature f with value bits u: the value's order-preserving bits, inverted (descending),
@@ -664,122 +819,6 @@ torch::Tensor nested_select(const torch::Tensor& pre, const std::vector<int64_t>
   return idx;
 }
 
-// The fused loss's chain of level reconstructions over a run of pieces Y (B, S, d), from `base` (d):
-//   P[b, s] = base + sum_{s' <= s} Y[b, s'],   E[b, s] = |P[b, s] - x[b]|^2
-// one pass over a row, in cache, instead of a (B, d) tensor op per level and step of the chain.
-std::tuple<torch::Tensor, torch::Tensor> level_chain_forward(const torch::Tensor& Y, const torch::Tensor& base,
-                                                             const torch::Tensor& x) {
-  TORCH_CHECK(Y.device().is_cpu() && Y.scalar_type() == torch::kFloat && Y.dim() == 3 && Y.is_contiguous(),
-              "level_chain: a contiguous float32 CPU tensor of pieces (B, S, d) expected");
-  const int64_t B = Y.size(0), S = Y.size(1), d = Y.size(2);
-  TORCH_CHECK(base.device().is_cpu() && base.scalar_type() == torch::kFloat && base.dim() == 1 &&
-                  base.size(0) == d && base.is_contiguous(),
-              "level_chain: a contiguous float32 base of ", d, " entries expected");
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.dim() == 2 && x.size(0) == B &&
-                  x.size(1) == d && x.is_contiguous(),
-              "level_chain: a contiguous float32 target of shape (", B, ", ", d, ") expected");
-  auto P = torch::empty_like(Y);
-  auto E = torch::empty({B, S}, Y.options());
-  const float *yp = Y.data_ptr<float>(), *bp = base.data_ptr<float>(), *xp = x.data_ptr<float>();
-  float *pp = P.data_ptr<float>(), *ep = E.data_ptr<float>();
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-    std::vector<float> acc(d);
-    for (int64_t b = b0; b < b1; ++b) {
-      std::copy_n(bp, d, acc.data());
-      const float* xb = xp + b * d;
-      for (int64_t s = 0; s < S; ++s) {
-        const float* y = yp + (b * S + s) * d;
-        float* p = pp + (b * S + s) * d;
-        float lane[8] = {};  // eight partial sums: the reduction vectorises without reassociation flags
-        int64_t k = 0;
-        for (; k + 8 <= d; k += 8) {
-          for (int l = 0; l < 8; ++l) {
-            const float a = acc[k + l] + y[k + l];
-            const float r = a - xb[k + l];
-            acc[k + l] = a;
-            p[k + l] = a;
-            lane[l] += r * r;
-          }
-        }
-        for (; k < d; ++k) {
-          acc[k] += y[k];
-          p[k] = acc[k];
-          const float r = acc[k] - xb[k];
-          lane[0] += r * r;
-        }
-        ep[b * S + s] = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-      }
-    }
-  });
-  return {P, E};
-}
-
-constexpr int64_t CHAIN_ROWS = 64;  // rows per partial sum of d_base: a fixed order, whatever the threads
-
-// The chain's backward, given dP (B, S, d) or None and dE (B, S): with g[b, s] = dP[b, s] + 2 dE[b, s] (P[b, s] - x[b]),
-//   dY[b, s] = sum_{s' >= s} g[b, s'],   d_base = sum_b dY[b, 0],   dx[b] = -sum_s 2 dE[b, s] (P[b, s] - x[b])
-// (dx only when asked; an undefined tensor otherwise).
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> level_chain_backward(
-    const torch::Tensor& P, const torch::Tensor& x, const c10::optional<torch::Tensor>& dP, const torch::Tensor& dE,
-    bool want_x) {
-  TORCH_CHECK(P.device().is_cpu() && P.scalar_type() == torch::kFloat && P.dim() == 3 && P.is_contiguous(),
-              "level_chain: contiguous float32 reconstructions (B, S, d) expected");
-  const int64_t B = P.size(0), S = P.size(1), d = P.size(2);
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.size(0) == B && x.size(1) == d && x.is_contiguous(),
-              "level_chain: a contiguous float32 target shaped like one level expected");
-  TORCH_CHECK(dE.scalar_type() == torch::kFloat && dE.dim() == 2 && dE.size(0) == B && dE.size(1) == S &&
-                  dE.is_contiguous(),
-              "level_chain: a contiguous float32 gradient of the errors (B, S) expected");
-  const bool has_dP = dP.has_value() && dP->defined();
-  if (has_dP)
-    TORCH_CHECK(dP->sizes() == P.sizes() && dP->scalar_type() == torch::kFloat && dP->is_contiguous(),
-                "level_chain: a contiguous float32 gradient of the reconstructions shaped like them expected");
-  auto dY = torch::empty_like(P);
-  auto dx = want_x ? torch::empty_like(x) : torch::Tensor();
-  const int64_t blocks = (B + CHAIN_ROWS - 1) / CHAIN_ROWS;
-  auto partial = torch::zeros({blocks, d}, P.options());
-  const float *pp = P.data_ptr<float>(), *xp = x.data_ptr<float>(), *ep = dE.data_ptr<float>();
-  const float* gp = has_dP ? dP->data_ptr<float>() : nullptr;
-  float *yp = dY.data_ptr<float>(), *qp = partial.data_ptr<float>();
-  float* xg = want_x ? dx.data_ptr<float>() : nullptr;
-  at::parallel_for(0, blocks, 1, [&](int64_t q0, int64_t q1) {
-    std::vector<float> acc(d), xacc(d);
-    for (int64_t q = q0; q < q1; ++q) {
-      float* part = qp + q * d;
-      for (int64_t b = q * CHAIN_ROWS; b < std::min(B, (q + 1) * CHAIN_ROWS); ++b) {
-        std::fill(acc.begin(), acc.end(), 0.f);
-        std::fill(xacc.begin(), xacc.end(), 0.f);
-        const float* xb = xp + b * d;
-        for (int64_t s = S - 1; s >= 0; --s) {
-          const float c = 2.f * ep[b * S + s];
-          const float* p = pp + (b * S + s) * d;
-          const float* g = gp ? gp + (b * S + s) * d : nullptr;
-          float* y = yp + (b * S + s) * d;
-          if (g) {
-            for (int64_t k = 0; k < d; ++k) {
-              const float e = c * (p[k] - xb[k]);
-              xacc[k] += e;
-              acc[k] += e + g[k];
-              y[k] = acc[k];
-            }
-          } else {
-            for (int64_t k = 0; k < d; ++k) {
-              const float e = c * (p[k] - xb[k]);
-              xacc[k] += e;
-              acc[k] += e;
-              y[k] = acc[k];
-            }
-          }
-        }
-        for (int64_t k = 0; k < d; ++k) part[k] += acc[k];
-        if (xg)
-          for (int64_t k = 0; k < d; ++k) xg[b * d + k] = -xacc[k];
-      }
-    }
-  });
-  return {dY, partial.sum(0), dx};
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nested_select", &nested_select, "rank segments of each row");
   m.def("segments_forward", &segments_forward, "Y[b, s] = sum over segment s of z[b, f] W[f]", py::arg("z"),
@@ -787,8 +826,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("segments_backward", &segments_backward, "add the segments' terms to dz and dW in place", py::arg("z"),
         py::arg("W"), py::arg("idx"), py::arg("bounds"), py::arg("H"), py::arg("dz"), py::arg("dW"),
         py::arg("ends") = py::none(), py::arg("overwrite_dz") = false);
+  m.def("segments_chain_forward", &segments_chain_forward,
+        "the levels' reconstructions P[b, s] = base + sum_{s' <= s} Y[b, s'] and their squared errors",
+        py::arg("z"), py::arg("W"), py::arg("idx"), py::arg("bounds"), py::arg("ends"), py::arg("base"), py::arg("x"));
+  m.def("segments_chain_backward", &segments_chain_backward,
+        "add the chain's segment terms to dz and dW in place; returns the gradient of base", py::arg("z"),
+        py::arg("W"), py::arg("idx"), py::arg("bounds"), py::arg("P"), py::arg("x"), py::arg("dP"), py::arg("dE"),
+        py::arg("dz"), py::arg("dW"), py::arg("ends") = py::none(), py::arg("overwrite_dz") = false);
   m.def("count_positive", &count_positive, "each row's number of positive entries, and whether any is NaN");
-  m.def("level_chain_forward", &level_chain_forward, "the level reconstructions of a run of pieces and their squared errors");
-  m.def("level_chain_backward", &level_chain_backward, "the chain's gradients: pieces, base and (optionally) target",
-        py::arg("P"), py::arg("x"), py::arg("dP"), py::arg("dE"), py::arg("want_x"));
 }
