@@ -149,6 +149,25 @@ inline void load_chunk(float* h, const float* src, int64_t w) {
 //   sum_chunk:     out[0:CH]     = sum_j a[j] Pt[f_j]    (forward: one (row, segment), Pt the decoder)
 //   add_sum_chunk: out[0:CH]    += sum_j a[j] Pt[f_j]    (dW: one feature of a tile, Pt the tile's gradients)
 //   dots_chunk:    e[j]         += Pt[f_j] . h          (dz: one (row, segment), Pt the decoder)
+#if defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t AHEAD = 8;  // entries between a row's prefetch and its use: the reads are random within L2
+
+// prefetch the packed row of entry min(j + AHEAD, j1 - 1) (two cache lines)
+inline void prefetch_entry(const float* Pt, const int32_t* f, int64_t j, int64_t j1) {
+  const float* p = Pt + static_cast<int64_t>(f[std::min(j + AHEAD, j1 - 1)]) * CH;
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(p + 16), _MM_HINT_T0);
+}
+
+// the lane sums of eight 8-float vectors, as one vector
+inline __m256 lane_sums(__m256 v0, __m256 v1, __m256 v2, __m256 v3, __m256 v4, __m256 v5, __m256 v6, __m256 v7) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));  // halves' sums of v0..v3
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v4, v5), _mm256_hadd_ps(v6, v7));  // and of v4..v7
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+#endif
+
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
 static_assert(CH == 32, "the AVX-512 loops hold a chunk as two 16-float vectors");
 
@@ -188,49 +207,21 @@ inline void weighted_sum(const float* Pt, const float* a, const int32_t* f, int6
   _mm512_storeu_ps(out + 16, s1);
 }
 
-// the lane sums of eight 8-float vectors, as one vector
-inline __m256 lane_sums(__m256 v0, __m256 v1, __m256 v2, __m256 v3, __m256 v4, __m256 v5, __m256 v6, __m256 v7) {
-  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));  // halves' sums of v0..v3
-  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v4, v5), _mm256_hadd_ps(v6, v7));  // and of v4..v7
-  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
-}
+// the chunk h of the dz pass, held in registers
+struct HeldChunk {
+  __m512 v[2];
+  explicit HeldChunk(const float* hp) : v{_mm512_loadu_ps(hp), _mm512_loadu_ps(hp + 16)} {}
+};
 
 // one entry's products with the chunk h, folded into eight lanes
-inline __m256 chunk_products(const float* p, const __m512* h) {
-  const __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(p + 16), h[1], _mm512_mul_ps(_mm512_loadu_ps(p), h[0]));
+inline __m256 chunk_products(const float* p, const HeldChunk& h) {
+  const __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(p + 16), h.v[1], _mm512_mul_ps(_mm512_loadu_ps(p), h.v[0]));
   return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-}
-
-// eight entries at a time: each entry's products folded into one vector, eight reduced together
-inline void dots_chunk(const float* Pt, const int32_t* f, int64_t j0, int64_t j1, const float* hp, float* e) {
-  const __m512 h[2] = {_mm512_loadu_ps(hp), _mm512_loadu_ps(hp + 16)};
-  auto row = [&](int64_t j) { return Pt + static_cast<int64_t>(f[j]) * CH; };
-  int64_t j = j0;
-  for (; j + 8 <= j1; j += 8) {
-    const __m256 r = lane_sums(chunk_products(row(j), h), chunk_products(row(j + 1), h),
-                               chunk_products(row(j + 2), h), chunk_products(row(j + 3), h),
-                               chunk_products(row(j + 4), h), chunk_products(row(j + 5), h),
-                               chunk_products(row(j + 6), h), chunk_products(row(j + 7), h));
-    _mm256_storeu_ps(e + j, _mm256_add_ps(_mm256_loadu_ps(e + j), r));
-  }
-  for (; j < j1; ++j) {
-    alignas(32) float v[8];
-    _mm256_store_ps(v, chunk_products(row(j), h));
-    e[j] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-  }
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 static_assert(CH == 32, "the AVX2 loops hold a chunk as four 8-float vectors");
 
-constexpr int64_t AHEAD = 8;  // entries between a row's prefetch and its use: the reads are random within L2
 constexpr bool PREFETCH_DECODER = true;
-
-// prefetch the packed row of entry min(j + AHEAD, j1 - 1) (two cache lines)
-inline void prefetch_entry(const float* Pt, const int32_t* f, int64_t j, int64_t j1) {
-  const float* p = Pt + static_cast<int64_t>(f[std::min(j + AHEAD, j1 - 1)]) * CH;
-  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(p + 16), _MM_HINT_T0);
-}
 
 // out[0:CH] = (or, with Add, +=) sum_j a[j] Pt[f_j]; with Prefetch, each row is prefetched AHEAD
 // entries before its use (for the decoder chunk, read at random from L2; the dW pass's tile of
@@ -263,39 +254,19 @@ inline void weighted_sum(const float* Pt, const float* a, const int32_t* f, int6
   }
 }
 
-// the lane sums of eight 8-float vectors, as one vector
-inline __m256 lane_sums(__m256 v0, __m256 v1, __m256 v2, __m256 v3, __m256 v4, __m256 v5, __m256 v6, __m256 v7) {
-  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));  // halves' sums of v0..v3
-  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v4, v5), _mm256_hadd_ps(v6, v7));  // and of v4..v7
-  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
-}
+// the chunk h of the dz pass, held in registers
+struct HeldChunk {
+  __m256 v[4];
+  explicit HeldChunk(const float* hp)
+      : v{_mm256_loadu_ps(hp), _mm256_loadu_ps(hp + 8), _mm256_loadu_ps(hp + 16), _mm256_loadu_ps(hp + 24)} {}
+};
 
-inline __m256 chunk_products(const float* p, const __m256* h) {
-  __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(p), h[0]);
-  acc = _mm256_fmadd_ps(_mm256_loadu_ps(p + 8), h[1], acc);
-  acc = _mm256_fmadd_ps(_mm256_loadu_ps(p + 16), h[2], acc);
-  return _mm256_fmadd_ps(_mm256_loadu_ps(p + 24), h[3], acc);
-}
-
-// eight entries at a time: each entry's products folded into one vector, eight reduced together
-inline void dots_chunk(const float* Pt, const int32_t* f, int64_t j0, int64_t j1, const float* hp, float* e) {
-  const __m256 h[4] = {_mm256_loadu_ps(hp), _mm256_loadu_ps(hp + 8), _mm256_loadu_ps(hp + 16),
-                       _mm256_loadu_ps(hp + 24)};
-  auto row = [&](int64_t j) { return Pt + static_cast<int64_t>(f[j]) * CH; };
-  int64_t j = j0;
-  for (; j + 8 <= j1; j += 8) {
-    for (int64_t i = 0; i < 8; ++i) prefetch_entry(Pt, f, j + i, j1);
-    const __m256 r = lane_sums(chunk_products(row(j), h), chunk_products(row(j + 1), h),
-                               chunk_products(row(j + 2), h), chunk_products(row(j + 3), h),
-                               chunk_products(row(j + 4), h), chunk_products(row(j + 5), h),
-                               chunk_products(row(j + 6), h), chunk_products(row(j + 7), h));
-    _mm256_storeu_ps(e + j, _mm256_add_ps(_mm256_loadu_ps(e + j), r));
-  }
-  for (; j < j1; ++j) {
-    alignas(32) float v[8];
-    _mm256_store_ps(v, chunk_products(row(j), h));
-    e[j] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-  }
+// one entry's products with the chunk h, folded into eight lanes
+inline __m256 chunk_products(const float* p, const HeldChunk& h) {
+  __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(p), h.v[0]);
+  acc = _mm256_fmadd_ps(_mm256_loadu_ps(p + 8), h.v[1], acc);
+  acc = _mm256_fmadd_ps(_mm256_loadu_ps(p + 16), h.v[2], acc);
+  return _mm256_fmadd_ps(_mm256_loadu_ps(p + 24), h.v[3], acc);
 }
 #else  // portable loops (the compiler vectorises over the chunk)
 constexpr bool PREFETCH_DECODER = false;
@@ -316,6 +287,30 @@ inline void dots_chunk(const float* Pt, const int32_t* f, int64_t j0, int64_t j1
     float sum = 0.f;
     for (int64_t k = 0; k < CH; ++k) sum += p[k] * h[k];
     e[j] += sum;
+  }
+}
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+// eight entries at a time: each entry's products folded into one vector, eight reduced together
+// (HeldChunk and chunk_products: the AVX-512 or the AVX2 ones above)
+inline void dots_chunk(const float* Pt, const int32_t* f, int64_t j0, int64_t j1, const float* hp, float* e) {
+  const HeldChunk h(hp);
+  auto row = [&](int64_t j) { return Pt + static_cast<int64_t>(f[j]) * CH; };
+  int64_t j = j0;
+  for (; j + 8 <= j1; j += 8) {
+    if (PREFETCH_DECODER)
+      for (int64_t i = 0; i < 8; ++i) prefetch_entry(Pt, f, j + i, j1);
+    const __m256 r = lane_sums(chunk_products(row(j), h), chunk_products(row(j + 1), h),
+                               chunk_products(row(j + 2), h), chunk_products(row(j + 3), h),
+                               chunk_products(row(j + 4), h), chunk_products(row(j + 5), h),
+                               chunk_products(row(j + 6), h), chunk_products(row(j + 7), h));
+    _mm256_storeu_ps(e + j, _mm256_add_ps(_mm256_loadu_ps(e + j), r));
+  }
+  for (; j < j1; ++j) {
+    alignas(32) float v[8];
+    _mm256_store_ps(v, chunk_products(row(j), h));
+    e[j] += ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
   }
 }
 #endif
