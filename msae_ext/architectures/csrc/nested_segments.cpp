@@ -19,8 +19,10 @@
 // entry that way; it takes each tile of TILE_ROWS rows feature by feature instead (FeatureMajor):
 // a feature's terms are summed in registers from the tile's upstream gradients, which stay in
 // cache, and the packed chunk of dW is read and written in order, once a tile; threads split the
-// chunks. Besides the columns past `ends`, an entry whose activation is zero is skipped by the dW
-// pass; dz is computed for every other entry (the ReLU that made a zero stops it).
+// chunks. The columns past `ends` are skipped by every pass. An entry before them whose activation
+// is zero (none in the fused loss, whose `ends` count the positive ones) adds an exact zero to dW.
+// The forward and dz passes pack the decoder chunk by chunk once a call (`pack_decoder`), not
+// once a block of rows and chunk.
 //
 // `segments_chain_forward` / `_backward` are the same passes with the chain of levels over the
 // segments folded in (`GatheredChain`): the forward pass adds each segment into its level as it is
@@ -107,7 +109,9 @@ class PackedRows {
   ~PackedRows() { std::free(data_); }
   PackedRows(const PackedRows&) = delete;
   PackedRows& operator=(const PackedRows&) = delete;
+  PackedRows(PackedRows&& o) noexcept : size_(o.size_), data_(o.data_) { o.data_ = nullptr; }
   float* data() { return data_; }
+  const float* data() const { return data_; }
   void zero() { std::fill_n(data_, size_, 0.f); }
 
  private:
@@ -138,6 +142,17 @@ inline void pack_chunk(const float* A, int64_t D, int64_t d, int64_t t, int64_t 
     std::copy_n(A + f * d + lo, w, out + f * CH);
     std::fill(out + f * CH + w, out + (f + 1) * CH, 0.f);
   }
+}
+
+// The decoder (D, d) packed chunk by chunk (chunk t at data() + t * D * CH, as pack_chunk lays it out):
+// packed once a pass instead of once per block of rows and chunk.
+PackedRows pack_decoder(const float* W, int64_t D, int64_t d) {
+  const int64_t chunks = (d + CH - 1) / CH;
+  PackedRows out(chunks * D);
+  at::parallel_for(0, D, 256, [&](int64_t f0, int64_t f1) {
+    for (int64_t t = 0; t < chunks; ++t) pack_chunk(W, D, d, t, f0, f1, out.data() + t * D * CH);
+  });
+  return out;
 }
 
 // h[0:CH] = src[0:w], zero past w
@@ -330,7 +345,7 @@ int64_t n_chunks(int64_t d) { return (d + CH - 1) / CH; }
 // The entries of a block of rows [r0, r1), a tile of TILE_ROWS rows at a time, grouped by feature
 // (a counting sort): tile q's entries of feature f are [starts[q][f], starts[q][f + 1]) after base[q],
 // each with its activation c and code = (row in the tile) * S + segment, its row of the tile's
-// packed upstream gradient. Entries with a zero activation are left out (they add nothing to dW).
+// packed upstream gradient. The counts read only the indices: z is read once, where it is placed.
 // The dW pass walks a tile's features in order: feature f's terms are summed in registers from a
 // tile of gradients that stays in cache, and the decoder gradient is read and written once per
 // tile in order, instead of a random read-modify-write of a decoder row per entry.
@@ -356,8 +371,7 @@ struct FeatureMajor {
         std::fill(st, st + n.D + 1, 0);
         for (int64_t b = tile_first(q); b < tile_end(q); ++b) {
           const int32_t* ib = idx + b * n.K;
-          const float* zb = z + b * n.D;
-          for (int64_t j = 0; j < end[b]; ++j) st[ib[j] + 1] += zb[ib[j]] != 0.f;
+          for (int64_t j = 0; j < end[b]; ++j) ++st[ib[j] + 1];
         }
         for (int64_t f = 0; f < n.D; ++f) st[f + 1] += st[f];
         base[q + 1] = st[n.D];
@@ -380,7 +394,6 @@ struct FeatureMajor {
             const int32_t h = static_cast<int32_t>((b - b0) * n.S + s);
             for (int64_t j = seg_lo(bounds, s, end[b]); j < seg_hi(bounds, s, end[b]); ++j) {
               const int32_t f = ib[j];
-              if (zb[f] == 0.f) continue;
               const int32_t at = next[f]++;
               cq[at] = zb[f];
               hq[at] = h;
@@ -419,13 +432,11 @@ void forward_pass(const torch::Tensor& z, const torch::Tensor& W, const torch::T
                   const Chain* chain, float* Yp, float* err) {
   const int32_t* ip = idx.data_ptr<int32_t>();
   const auto c = gather_activations(z.data_ptr<float>(), ip, n);
-  const float* Wp = W.data_ptr<float>();
+  const PackedRows Wc = pack_decoder(W.data_ptr<float>(), n.D, n.d);
   for (int64_t r0 = 0; r0 < n.B; r0 += ROWS) at::parallel_for(0, n_chunks(n.d), 1, [&](int64_t t0, int64_t t1) {
-    PackedRows chunk(n.D);
-    const float* Pt = chunk.data();
     for (int64_t t = t0; t < t1; ++t) {  // threads take disjoint column chunks of Y
       const int64_t lo = t * CH, w = std::min(CH, n.d - lo);
-      pack_chunk(Wp, n.D, n.d, t, 0, n.D, chunk.data());
+      const float* Pt = Wc.data() + t * n.D * CH;
       for (int64_t b = r0; b < std::min(n.B, r0 + ROWS); ++b) {
         alignas(64) float acc[CH] = {};  // the chain's level, this chunk of it
         if (chain) std::copy_n(chain->base + lo, w, acc);
@@ -535,21 +546,20 @@ void backward_pass(const torch::Tensor& z, const torch::Tensor& W, const torch::
     });
   }
   if (dz) {
-    const float* Wp = W.data_ptr<float>();
-    PackedRows Pt(n.D);                               // the current chunk, packed
+    const PackedRows Wc = pack_decoder(W.data_ptr<float>(), n.D, n.d);
     std::vector<float> E(std::min(n.B, ROWS) * n.K);  // a block's per-entry dot products, over the chunks
     for (int64_t r0 = 0; r0 < n.B; r0 += ROWS) {
       const int64_t r1 = std::min(n.B, r0 + ROWS);
       std::fill(E.begin(), E.end(), 0.f);
       for (int64_t t = 0; t < chunks; ++t) {  // chunk by chunk: each stays in L2 for all the block's rows
         const int64_t lo = t * CH, w = std::min(CH, n.d - lo);
-        at::parallel_for(0, n.D, 256, [&](int64_t f0, int64_t f1) { pack_chunk(Wp, n.D, n.d, t, f0, f1, Pt.data()); });
+        const float* Pt = Wc.data() + t * n.D * CH;
         at::parallel_for(r0, r1, 16, [&](int64_t b0, int64_t b1) {  // threads take disjoint rows
           std::vector<float> h(n.S * CH);
           for (int64_t b = b0; b < b1; ++b) {
             upstream_rows(Hp, chain, n, b, lo, w, h.data());
             for (int64_t s = 0; s < n.S; ++s)
-              dots_chunk(Pt.data(), ip + b * n.K, seg_lo(bounds, s, end[b]), seg_hi(bounds, s, end[b]),
+              dots_chunk(Pt, ip + b * n.K, seg_lo(bounds, s, end[b]), seg_hi(bounds, s, end[b]),
                          h.data() + s * CH, E.data() + (b - r0) * n.K);
           }
         });
