@@ -298,7 +298,9 @@ def test_chain_kernels_name_bad_input(kernels):
 @pytest.mark.skipif(not cpu_kernels_has_avx512(), reason="no AVX-512 here: the default build is the AVX2 one")
 def test_the_avx2_loops_match_the_avx512_ones(kernels, tmp_path):
     """CPUs without AVX-512 run the AVX2 loops, which no default build here exercises: build them
-    (-mno-avx512f) and compare every pass with the default build on one case."""
+    (-mno-avx512f) and compare every pass with the default build on one case, and the select (whose
+    scan of a row is a compress loop with AVX-512, a scalar one without) on rows with ties, NaN,
+    too few positives and a width that is not a multiple of 16."""
     from torch.utils import cpp_extension
 
     cpu_kernels._ninja_on_path()
@@ -320,6 +322,15 @@ def test_the_avx2_loops_match_the_avx512_ones(kernels, tmp_path):
         out[name] = (m.segments_forward(z, W, idx, bounds), dz, dW, P, E, cz, cW, d_base)
     for a, b in zip(out["avx512"], out["avx2"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    pre = torch.randn(64, 301, generator=g).round(decimals=1)  # ties within and across buckets
+    pre[0, 5] = float("nan")
+    pre[1] = -pre[1].abs()
+    pre[1, :3] = 2.0  # three positives, fewer than K
+    pre[2, :4] = torch.tensor([1e-40, 3e38, -0.0, 0.0])
+    sel_bounds = [0, 4, 16, 40, 100]
+    assert torch.equal(kernels.nested_select(pre, sel_bounds), avx2.nested_select(pre, sel_bounds))
+    (n_a, nan_a), (n_b, nan_b) = kernels.count_positive(pre), avx2.count_positive(pre)
+    assert torch.equal(n_a, n_b) and nan_a == nan_b
 
 
 def test_a_failed_build_warns_and_falls_back(monkeypatch):
