@@ -45,6 +45,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -119,9 +120,27 @@ class PackedRows {
   float* data_;
 };
 
+// A work array whose elements start uninitialised: a std::vector zeroes its elements first, a serial
+// pass (and the first touch of every page) over tens of MiB that the parallel loops then overwrite.
+// `reserve` keeps the array when it is large enough; otherwise it replaces it (the contents go).
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n = 0) { reserve(n); }
+  void reserve(int64_t n) {
+    if (n > capacity_) data_.reset(new T[n]), capacity_ = n;
+  }
+  T* data() { return data_.get(); }
+  const T* data() const { return data_.get(); }
+
+ private:
+  std::unique_ptr<T[]> data_;
+  int64_t capacity_ = 0;
+};
+
 // c[b, j] = z[b, idx[b, j]]
-std::vector<float> gather_activations(const float* z, const int32_t* idx, const Shape& n) {
-  std::vector<float> c(n.B * n.K);
+Scratch<float> gather_activations(const float* z, const int32_t* idx, const Shape& n) {
+  Scratch<float> c(n.B * n.K);
   at::parallel_for(0, n.B, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float* zb = z + b * n.D;
@@ -350,8 +369,8 @@ int64_t n_chunks(int64_t d) { return (d + CH - 1) / CH; }
 // tile of gradients that stays in cache, and the decoder gradient is read and written once per
 // tile in order, instead of a random read-modify-write of a decoder row per entry.
 struct FeatureMajor {
-  std::vector<float> c;
-  std::vector<int32_t> code;
+  Scratch<float> c;
+  Scratch<int32_t> code;
   std::vector<int32_t> starts;  // tiles x (D + 1)
   std::vector<int64_t> base;    // tiles + 1
   int64_t r0 = 0, r1 = 0, tiles = 0;
@@ -378,8 +397,8 @@ struct FeatureMajor {
       }
     });
     for (int64_t q = 0; q < tiles; ++q) base[q + 1] += base[q];
-    c.resize(base[tiles]);
-    code.resize(base[tiles]);
+    c.reserve(base[tiles]);
+    code.reserve(base[tiles]);
     at::parallel_for(0, tiles, 1, [&](int64_t q0, int64_t q1) {  // place them
       std::vector<int32_t> next(n.D);
       for (int64_t q = q0; q < q1; ++q) {
