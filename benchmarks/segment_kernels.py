@@ -13,6 +13,8 @@ For each active fraction (b_enc shifted as in train_step.py, from the paper's in
     gradient), and each pass's multiply-adds per second (entries x d_in) against the full level's
     GEMM z @ W_dec on the same data;
   * the fused loss's forward + backward (no optimizer) in each layout;
+  * the trainer's per-latent firing counts of the activations: torch's `(acts > 0).sum(0)` against
+    the compiled `count_positive_per_feature`;
   * the gathered layout's segments with the chain of level reconstructions and errors over them
     (forward + backward): `GatheredSegments` followed by per-level tensor ops, against
     `GatheredChain`, which folds the chain into the kernels' passes.
@@ -195,6 +197,12 @@ def main(argv: list[str] | None = None) -> None:
                           for t in LAYOUTS[1:])
         print(f"GEMM z @ W_dec: {gemm_ms:.1f} ms, {gemm_rate / 1e6:.1f} G multiply-adds/s; "
               f"loss f+b, segments / layout: {gains}; auto picks {picked}")
+        acts = pre.relu()
+        fired = [(best_ms(lambda: (acts > 0).sum(0, dtype=torch.int32), args.repeats),
+                  best_ms(lambda: kernels.count_positive_per_feature(acts), args.repeats)) for _ in range(args.rounds)]
+        print(f"trainer's firing counts of the activations: (acts > 0).sum(0) "
+              f"{statistics.median(t for t, _ in fired):.1f} ms, count_positive_per_feature "
+              f"{statistics.median(k for _, k in fired):.1f} ms")
     run = layout(pre, k_list, "gathered")
     chains = [chain_ms(x, pre, W, run, args.repeats) for _ in range(args.rounds)]
     ops, kernel = (statistics.median(c[key] for c in chains) for key in ("ops", "kernel"))

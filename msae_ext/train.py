@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
-from .architectures import PaperTrainingSAE, register_all, training_classes
+from .architectures import PaperTrainingSAE, cpu_kernels, register_all, training_classes
 from .config import TrainConfig
 from .distributed import DistEnv, StepModule, all_reduce_, init_distributed
 from .fileio import fsync_dir, write_text_atomic
@@ -82,6 +82,20 @@ def remove_parallel_decoder_grad(W_dec: torch.Tensor) -> None:
 @torch.no_grad()
 def renormalize_decoder(W_dec: torch.Tensor) -> None:
     W_dec.div_(W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
+def fired_per_feature(feature_acts: torch.Tensor) -> torch.Tensor:
+    """(d_sae,) int32: in how many rows of `feature_acts` (batch, d_sae) each latent is positive.
+
+    On CPU in float32 one pass of the compiled kernels (about a tenth of the time at 4096 x 6144);
+    elsewhere `(feature_acts > 0).sum(0)` with an int32 result (a bool sum's default int64 result
+    would make a (batch, d_sae) int64 copy)."""
+    if (feature_acts.device.type == "cpu" and feature_acts.dtype == torch.float32 and feature_acts.dim() == 2
+            and feature_acts.is_contiguous()):
+        kernels = cpu_kernels.segment_kernels()
+        if kernels is not None:
+            return kernels.count_positive_per_feature(feature_acts)
+    return (feature_acts > 0).sum(0, dtype=torch.int32)
 
 
 class PaperTrainer(SAETrainer):
@@ -127,8 +141,7 @@ class PaperTrainer(SAETrainer):
             else:
                 out = sae.training_forward_pass(step_input=step_input)
         with torch.no_grad():
-            # an int32 count: a bool sum's default int64 result makes a (batch, d_sae) int64 copy
-            fired_count = (out.feature_acts > 0).sum(0, dtype=torch.int32)
+            fired_count = fired_per_feature(out.feature_acts)
             if self.world > 1:  # firing statistics of the global batch
                 all_reduce_(fired_count, "sum")
             did_fire = fired_count > 0

@@ -203,6 +203,28 @@ def test_select_matches_the_stable_ranking(kernels, monkeypatch):
     assert torch.equal(canonical(rank_segments(distinct, bounds), bounds, past), canonical(want, bounds, past))
 
 
+def test_firing_counts_match_torch(kernels, monkeypatch):
+    """The trainer's per-latent firing counts from the kernel equal `(acts > 0).sum(0)`: zeros, -0,
+    NaN, infinities, subnormals, more threads than rows, one row; other inputs take the torch path."""
+    from msae_ext.train import fired_per_feature
+
+    g = torch.Generator().manual_seed(3)
+    acts = torch.randn(257, 131, generator=g).relu()
+    acts[0, :4] = torch.tensor([float("nan"), float("inf"), -0.0, 1e-40])
+    acts[1, 4:6] = torch.tensor([-float("inf"), float("nan")])
+    for a in (acts, acts[:1].contiguous(), acts[:3].contiguous(), torch.zeros(5, 7)):
+        want = (a > 0).sum(0, dtype=torch.int32)
+        got = kernels.count_positive_per_feature(a)
+        assert got.dtype == torch.int32 and torch.equal(got, want)
+        assert torch.equal(fired_per_feature(a), want)
+    assert torch.equal(fired_per_feature(acts.T), (acts.T > 0).sum(0, dtype=torch.int32))  # not contiguous
+    assert torch.equal(fired_per_feature(acts.double()), (acts > 0).sum(0, dtype=torch.int32))
+    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    assert torch.equal(fired_per_feature(acts), (acts > 0).sum(0, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="contiguous 2-d float32"):
+        kernels.count_positive_per_feature(acts.T)
+
+
 def test_kernels_name_bad_input(kernels):
     z, W, idx = _case(4, 20, 8, [0, 5], seed=0)
     with pytest.raises(RuntimeError, match="int32 indices"):
