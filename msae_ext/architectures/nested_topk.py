@@ -48,7 +48,7 @@ GEMMs) per level. It is the oracle of the tests.
 Extra memory: the (B, K) int32 ranking, kept for backward, one (B, d_in) reconstruction per
 level, and transients: (kernels) a (B, K) float32 buffer and the levels' squared errors per
 column chunk (d_in / 32 x B x levels floats) in forward, the entries of 1024 rows
-grouped by feature (8 bytes an entry) in backward, and a packed decoder chunk per thread,
+grouped by feature (8 bytes an entry) in backward, and a chunk-major copy of the decoder,
 (PyTorch path) feature-sorted index arrays and blocked GEMM slices, (dense segments) one
 (B, d_sae) buffer.
 """
