@@ -21,6 +21,8 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 SOURCE = Path(__file__).parent / "csrc" / "nested_segments.cpp"
 ENV = "MSAE_CPU_KERNELS"
 
@@ -56,6 +58,14 @@ def segment_kernels() -> ModuleType | None:
         if "module" not in _loaded:
             _loaded["module"] = _build()
         return _loaded["module"]
+
+
+def kernels_for(*tensors: torch.Tensor) -> ModuleType | None:
+    """The compiled module when it applies to these operands (every one a contiguous float32 CPU
+    tensor) and is on and built here, else None: the callers' PyTorch path then runs."""
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+        return None
+    return segment_kernels()
 
 
 def _ninja_on_path() -> None:

@@ -129,7 +129,7 @@ def nested_selection(hidden_pre: torch.Tensor, k_list: list[int], tail_if_narrow
     about as wide as the segment. LAYOUT forces a layout where it applies.
     """
     d_sae = hidden_pre.shape[-1]
-    kernels = _kernels_for(hidden_pre, hidden_pre)
+    kernels = cpu_kernels.kernels_for(hidden_pre)
     if kernels is not None:  # one pass, no (B, d_sae) bool tensor
         n_pos, has_nan = kernels.count_positive(hidden_pre)
     else:  # int32 counts: a bool sum's default int64 result is a (B, d_sae) int64 copy
@@ -175,7 +175,7 @@ def rank_segments(pre: torch.Tensor, bounds: list[int]) -> torch.Tensor:
     float32 the compiled select (no sort, O(D + K) a row) does it; elsewhere one sorted top-k, with
     the rows where equal values straddle a segment boundary (or NaN appears) ranked again by exact
     keys."""
-    kernels = _kernels_for(pre, pre)
+    kernels = cpu_kernels.kernels_for(pre)
     if kernels is not None:
         return kernels.nested_select(pre, list(bounds))
     K, D = bounds[-1], pre.shape[-1]
@@ -337,7 +337,7 @@ class GatheredSegments(torch.autograd.Function):
         flat = idx.reshape(-1).to(torch.int32)  # int32 indices: half the traffic, faster sorts
         ctx.save_for_backward(z, W, flat, ends)
         with torch.autocast(dev.type, enabled=False):
-            kernels = _kernels_for(z, W)
+            kernels = cpu_kernels.kernels_for(z, W)
             if kernels is not None:
                 Y = kernels.segments_forward(z, W, flat.view(B, w), list(bounds), ends)
             else:  # one bag per (row, segment)
@@ -370,7 +370,7 @@ class GatheredSegments(torch.autograd.Function):
         dW = torch.zeros_like(W) if want_W and dW is None else dW
         dY = dY.contiguous()
         bounds = ctx.bounds
-        kernels = _kernels_for(z, W)
+        kernels = cpu_kernels.kernels_for(z, W)
         if kernels is not None:  # a new dz is written whole by the kernel: no zero fill first
             new_dz = want_z and dz is None
             dz = torch.empty_like(z) if new_dz else dz
@@ -477,10 +477,7 @@ class GatheredChain(torch.autograd.Function):
 
 def _chain_kernels_for(z: torch.Tensor, W: torch.Tensor, base: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether `GatheredChain` applies: the compiled kernels, and contiguous float32 CPU operands."""
-    if base.dim() != 1 or any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous()
-                              for t in (base, x)):
-        return False
-    return _kernels_for(z, W) is not None
+    return base.dim() == 1 and cpu_kernels.kernels_for(z, W, base, x) is not None
 
 
 def piece_ranges(sel: NestedSelection) -> list[tuple[int, int]]:
@@ -521,15 +518,6 @@ def _run_ends(n_pos: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tenso
     return ends
 
 
-def _kernels_for(z: torch.Tensor, W: torch.Tensor):
-    """The compiled CPU segment kernels when they apply (CPU, contiguous float32), else None."""
-    if z.device.type != "cpu" or z.dtype != torch.float32 or W.dtype != torch.float32:
-        return None
-    if not (z.is_contiguous() and W.is_contiguous()):
-        return None
-    return cpu_kernels.segment_kernels()
-
-
 def _flat_positions(idx: torch.Tensor, width: int) -> torch.Tensor:
     """Row-major positions b * width + idx[b, j] of a (B, w) index block in a (B, width) tensor,
     int32 where they fit (half the memory of the int64 a gather or scatter would need)."""
@@ -568,7 +556,7 @@ def nested_topk_loss_fused(
     # the tail and the gathered full level only without autocast: level K would inherit the bf16
     # GEMM's rounding, and a gathered full level would not have the rounding autocast asks for
     exact = autocast_dtype(device) is None
-    kernels = _kernels_for(hidden_pre, W_dec) is not None
+    kernels = cpu_kernels.kernels_for(hidden_pre, W_dec) is not None
     sel = nested_selection(hidden_pre, k_list, tail_if_narrower_than=dense_from if exact else 0.0,
                            gemm_entries=GATHER_FULL_FRACTION * W_dec.shape[0] if exact and kernels else 0.0)
     segments = piece_ranges(sel)
