@@ -15,7 +15,8 @@ is that step's own:
     topk_k64        sae-lens TopKTrainingSAE, k=64
     matryoshka_btk  sae-lens MatryoshkaBatchTopKTrainingSAE, k=64, widths = the MSAE k-list
     relu            our ReLU SAE (L1)
-Every step is training_forward_pass -> backward -> clip-grad-norm -> AdamW step, from the same
+Every step is training_forward_pass -> backward -> clip-grad-norm -> AdamW step (the trainer's
+`paper_optimizer`: torch's fused AdamW on CPU and CUDA), from the same
 initialisation (W_enc = W_dec^T, zero biases). `--active FRACTION` shifts b_enc so that that
 fraction of pre-activations is positive (a trained MSAE's full level has about 0.17-0.25; at
 initialisation it is 0.5), which is what decides how much of the sort the partial levels use.
@@ -112,6 +113,7 @@ def child(args: argparse.Namespace) -> None:
     from sae_lens.saes.sae import TrainStepInput
 
     import msae_ext  # noqa: F401  (registers the architectures)
+    from msae_ext.train import paper_optimizer
 
     torch.manual_seed(0)
     device = args.device
@@ -134,7 +136,7 @@ def child(args: argparse.Namespace) -> None:
         active = float((pre + shift > 0).float().mean())
     if args.compile:
         sae.training_forward_pass = torch.compile(sae.training_forward_pass)  # type: ignore[method-assign]
-    opt = torch.optim.AdamW(sae.parameters(), lr=1e-5)
+    opt = paper_optimizer(sae.parameters(), lr=1e-5)  # the trainer's AdamW (fused where it runs)
     step_input = TrainStepInput(sae_in=x, coefficients={"l1": 0.003}, dead_neuron_mask=None,
                                 n_training_steps=0, is_logging_step=False)
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=args.bf16)

@@ -13,6 +13,7 @@ from msae_ext.train import (
     _Interrupt,
     latest_checkpoint,
     lr_lambda,
+    paper_optimizer,
     remove_parallel_decoder_grad,
     train,
 )
@@ -37,6 +38,33 @@ def test_parallel_gradient_component_is_removed():
     unit = W.detach() / W.detach().norm(dim=1, keepdim=True)
     torch.testing.assert_close((W.grad * unit).sum(1), torch.zeros(10), atol=1e-6, rtol=0)
     torch.testing.assert_close(W.grad, g - (g * unit).sum(1, keepdim=True) * unit)
+
+
+def test_paper_optimizer_is_adamw():
+    """The trainer's optimiser (torch's fused AdamW on CPU float32) against AdamW written out in float64."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(5))]
+    lr, (b1, b2), wd, eps = 3e-2, (0.9, 0.999), 0.1, 1e-8
+    opt = paper_optimizer(params, lr=lr, betas=(b1, b2), weight_decay=wd)
+    assert opt.defaults["fused"] is True
+    ref = [p.detach().double().clone() for p in params]
+    m = [torch.zeros_like(r) for r in ref]
+    v = [torch.zeros_like(r) for r in ref]
+    for t in range(1, 6):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, g in enumerate(grads):
+            g = g.double()
+            ref[i] *= 1 - lr * wd
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            ref[i] -= lr * (m[i] / (1 - b1**t)) / ((v[i] / (1 - b2**t)).sqrt() + eps)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach().double(), r, rtol=1e-5, atol=1e-6)
+    # float64 parameters take torch's default implementation
+    assert not paper_optimizer([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))], lr=lr).defaults["fused"]
 
 
 def test_schedules():
