@@ -138,18 +138,16 @@ class Scratch {
   int64_t capacity_ = 0;
 };
 
-// c[b, j] = z[b, idx[b, j]]
-Scratch<float> gather_activations(const float* z, const int32_t* idx, const Shape& n) {
-  Scratch<float> c(n.B * n.K);
-  at::parallel_for(0, n.B, 16, [&](int64_t b0, int64_t b1) {
+// c[b - r0, j] = z[b, idx[b, j]] for the rows [r0, r1) of a block
+void gather_activations(const float* z, const int32_t* idx, const Shape& n, int64_t r0, int64_t r1, float* c) {
+  at::parallel_for(r0, r1, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float* zb = z + b * n.D;
       const int32_t* ib = idx + b * n.K;
-      float* cb = c.data() + b * n.K;
+      float* cb = c + (b - r0) * n.K;
       for (int64_t j = 0; j < n.K; ++j) cb[j] = zb[ib[j]];
     }
   });
-  return c;
 }
 
 // One column chunk t of the decoder (D, d), packed: out[f][k] = A[f, t * CH + k], zero past d.
@@ -450,40 +448,46 @@ void forward_pass(const torch::Tensor& z, const torch::Tensor& W, const torch::T
                   const std::vector<int64_t>& bounds, const std::vector<int64_t>& end, const Shape& n,
                   const Chain* chain, float* Yp, float* err) {
   const int32_t* ip = idx.data_ptr<int32_t>();
-  const auto c = gather_activations(z.data_ptr<float>(), ip, n);
+  // the block's activations, gathered once a block: a block's worth (ROWS * K floats), not the batch's
+  Scratch<float> c(std::min(n.B, ROWS) * n.K);
   const PackedRows Wc = pack_decoder(W.data_ptr<float>(), n.D, n.d);
-  for (int64_t r0 = 0; r0 < n.B; r0 += ROWS) at::parallel_for(0, n_chunks(n.d), 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {  // threads take disjoint column chunks of Y
-      const int64_t lo = t * CH, w = std::min(CH, n.d - lo);
-      const float* Pt = Wc.data() + t * n.D * CH;
-      for (int64_t b = r0; b < std::min(n.B, r0 + ROWS); ++b) {
-        alignas(64) float acc[CH] = {};  // the chain's level, this chunk of it
-        if (chain) std::copy_n(chain->base + lo, w, acc);
-        for (int64_t s = 0; s < n.S; ++s) {
-          alignas(64) float out[CH];
-          sum_chunk(Pt, c.data() + b * n.K, ip + b * n.K, seg_lo(bounds, s, end[b]), seg_hi(bounds, s, end[b]), out);
-          float* y = Yp + (b * n.S + s) * n.d + lo;
-          if (!chain) {
-            std::copy_n(out, w, y);
-            continue;
-          }
-          const float* xb = chain->x + b * n.d + lo;
-          float lane[8] = {};  // eight partial sums: the reduction vectorises without reassociation flags
-          for (int64_t k0 = 0; k0 < CH; k0 += 8) {
-            for (int l = 0; l < 8; ++l) {
-              const int64_t k = k0 + l;
-              acc[k] += out[k];
-              const float r = k < w ? acc[k] - xb[std::min(k, w - 1)] : 0.f;
-              lane[l] += r * r;
+  for (int64_t r0 = 0; r0 < n.B; r0 += ROWS) {
+    const int64_t r1 = std::min(n.B, r0 + ROWS);
+    gather_activations(z.data_ptr<float>(), ip, n, r0, r1, c.data());
+    at::parallel_for(0, n_chunks(n.d), 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {  // threads take disjoint column chunks of Y
+        const int64_t lo = t * CH, w = std::min(CH, n.d - lo);
+        const float* Pt = Wc.data() + t * n.D * CH;
+        for (int64_t b = r0; b < r1; ++b) {
+          alignas(64) float acc[CH] = {};  // the chain's level, this chunk of it
+          if (chain) std::copy_n(chain->base + lo, w, acc);
+          for (int64_t s = 0; s < n.S; ++s) {
+            alignas(64) float out[CH];
+            sum_chunk(Pt, c.data() + (b - r0) * n.K, ip + b * n.K, seg_lo(bounds, s, end[b]), seg_hi(bounds, s, end[b]),
+                      out);
+            float* y = Yp + (b * n.S + s) * n.d + lo;
+            if (!chain) {
+              std::copy_n(out, w, y);
+              continue;
             }
+            const float* xb = chain->x + b * n.d + lo;
+            float lane[8] = {};  // eight partial sums: the reduction vectorises without reassociation flags
+            for (int64_t k0 = 0; k0 < CH; k0 += 8) {
+              for (int l = 0; l < 8; ++l) {
+                const int64_t k = k0 + l;
+                acc[k] += out[k];
+                const float r = k < w ? acc[k] - xb[std::min(k, w - 1)] : 0.f;
+                lane[l] += r * r;
+              }
+            }
+            std::copy_n(acc, w, y);
+            err[(t * n.B + b) * n.S + s] =
+                ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
           }
-          std::copy_n(acc, w, y);
-          err[(t * n.B + b) * n.S + s] =
-              ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
         }
       }
-    }
-  });
+    });
+  }
 }
 
 // Row b's upstream gradients at columns [lo, lo + w): h[s * CH + k], zero past w. Without a chain,
