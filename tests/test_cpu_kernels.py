@@ -374,3 +374,23 @@ def test_a_failed_build_warns_and_falls_back(monkeypatch):
     monkeypatch.setenv(cpu_kernels.ENV, "require")
     with pytest.raises(RuntimeError, match="did not build"):
         cpu_kernels.segment_kernels()
+
+
+def test_outputs_written_into_the_given_tensor(kernels):
+    """`out` of the select and the chain's forward: the same values in the caller's memory, and a
+    clear error for an out of the wrong shape, dtype or layout."""
+    z, W, idx = _case(4, 10, 8, [0, 2, 5], seed=0)
+    base, x = torch.randn(8), torch.randn(4, 8)
+    out = torch.full((4, 5), -7, dtype=torch.int32)
+    got = kernels.nested_select(z, [0, 2, 5], out=out)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(got, kernels.nested_select(z, [0, 2, 5]))
+    P_out = torch.full((4, 2, 8), float("nan"))
+    P, E = kernels.segments_chain_forward(z, W, idx, [0, 2, 5], None, base, x, out=P_out)
+    P_new, E_new = kernels.segments_chain_forward(z, W, idx, [0, 2, 5], None, base, x)
+    assert P.data_ptr() == P_out.data_ptr() and torch.equal(P, P_new) and torch.equal(E, E_new)
+    with pytest.raises(RuntimeError, match=r"out \(the ranking\) must be a contiguous int CPU tensor of shape \[4, 5\]"):
+        kernels.nested_select(z, [0, 2, 5], out=torch.zeros(4, 6, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"out \(the ranking\) must be"):
+        kernels.nested_select(z, [0, 2, 5], out=torch.zeros(4, 5))
+    with pytest.raises(RuntimeError, match=r"out \(P\) must be a contiguous float CPU tensor of shape \[4, 2, 8\]"):
+        kernels.segments_chain_forward(z, W, idx, [0, 2, 5], None, base, x, out=torch.zeros(4, 8, 2).transpose(1, 2))

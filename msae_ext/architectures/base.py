@@ -29,6 +29,8 @@ from sae_lens.saes.sae import (
     TrainStepOutput,
 )
 
+from . import buffers
+
 Protocol = Literal["paper", "native"]
 
 
@@ -61,8 +63,9 @@ class CenteredEncode(torch.autograd.Function):
     def forward(ctx, xc, b_dec, W_enc, b_enc):  # type: ignore[override]
         ctx.autocast = autocast_dtype(xc.device.type)
         ctx.save_for_backward(xc, W_enc)
-        if ctx.autocast is None:
-            return torch.addmm(b_enc, xc, W_enc)
+        if ctx.autocast is None:  # on CPU into reused memory (`buffers`): no page faults a step
+            out = buffers.empty((xc.shape[0], W_enc.shape[1]), torch.result_type(xc, W_enc), xc.device)
+            return torch.addmm(b_enc, xc, W_enc, out=out)
         return xc @ W_enc + b_enc  # a bf16 GEMM, the bias added in float32
 
     @staticmethod

@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
 
+from . import buffers
 from .base import PaperSAEConfig, PaperTrainingSAE, PaperTrainingSAEConfig, soft_cap
 from .nested_topk import (  # noqa: F401  (re-exported)
     nested_level_activations,
@@ -145,8 +146,9 @@ class MSAETrainingSAE(PaperTrainingSAE):
             recon_loss=self.cfg.recon_loss,
             normalize_by_alpha_sum=self.cfg.normalize_by_alpha_sum,
         )
-        with torch.no_grad():
-            feature_acts = soft_cap(hidden_pre.relu(), self.cfg.soft_cap)
+        with torch.no_grad():  # ReLU (= clamp_min at 0) into reused memory on CPU (`buffers`)
+            relu = torch.clamp_min(hidden_pre, 0, out=buffers.empty_like(hidden_pre))
+            feature_acts = soft_cap(relu, self.cfg.soft_cap)
         losses: dict[str, Any] = {"recon_loss": loss}
         for k, level_loss in zip(self.cfg.k_list, level_losses):  # type: ignore[arg-type]
             losses[f"level_{k}"] = level_loss.detach()

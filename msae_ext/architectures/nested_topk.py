@@ -50,7 +50,8 @@ level, and transients: (kernels) a (B, K) float32 buffer and the levels' squared
 column chunk (d_in / 32 x B x levels floats) in forward, the entries of 1024 rows
 grouped by feature (8 bytes an entry) in backward, and a chunk-major copy of the decoder,
 (PyTorch path) feature-sorted index arrays and blocked GEMM slices, (dense segments) one
-(B, d_sae) buffer.
+(B, d_sae) buffer. With the kernels, the ranking, the levels and the activation gradient take
+reused memory (`buffers`), as do the pre-activations and the ReLU upstream.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from . import cpu_kernels
+from . import buffers, cpu_kernels
 from .base import autocast_dtype, batch_mean_error, reconstruction_loss, soft_cap
 
 
@@ -176,8 +177,9 @@ def rank_segments(pre: torch.Tensor, bounds: list[int]) -> torch.Tensor:
     the rows where equal values straddle a segment boundary (or NaN appears) ranked again by exact
     keys."""
     kernels = cpu_kernels.kernels_for(pre)
-    if kernels is not None:
-        return kernels.nested_select(pre, list(bounds))
+    if kernels is not None:  # into reused memory (`buffers`); its width follows the batch's counts
+        out = buffers.empty((pre.shape[0], bounds[-1]), torch.int32, pre.device, slack=1 / 16)
+        return kernels.nested_select(pre, list(bounds), out=out)
     K, D = bounds[-1], pre.shape[-1]
     values, order = pre.topk(min(K + 1, D), dim=-1, sorted=True)
     ambiguous = values.isnan().any(dim=-1)
@@ -373,7 +375,7 @@ class GatheredSegments(torch.autograd.Function):
         kernels = cpu_kernels.kernels_for(z, W)
         if kernels is not None:  # a new dz is written whole by the kernel: no zero fill first
             new_dz = want_z and dz is None
-            dz = torch.empty_like(z) if new_dz else dz
+            dz = buffers.empty_like(z) if new_dz else dz
             kernels.segments_backward(z, W, idx, list(bounds), dY, dz, dW, ends, overwrite_dz=new_dz)
             return dz, dW
         dz = torch.zeros_like(z) if want_z and dz is None else dz
@@ -449,7 +451,8 @@ class GatheredChain(torch.autograd.Function):
         ctx.bounds, ctx.with_full = bounds, with_full
         idx = idx.to(torch.int32).contiguous()
         kernels = cpu_kernels.segment_kernels()
-        P, E = kernels.segments_chain_forward(z, W, idx, list(bounds), ends, base, x)
+        out = buffers.empty((z.shape[0], len(bounds) - 1, W.shape[1]), z.dtype, z.device)  # reused memory
+        P, E = kernels.segments_chain_forward(z, W, idx, list(bounds), ends, base, x, out=out)
         full = (z @ W).to(z.dtype) if with_full else z.new_empty(0)
         ctx.save_for_backward(z, W, idx, ends, P, x)
         return full, P, E
@@ -465,7 +468,7 @@ class GatheredChain(torch.autograd.Function):
         dP = None if dP is None else dP.contiguous()
         with torch.autocast(z.device.type, enabled=False):  # the segments stay float32
             new_dz = want_z and dz is None  # then written whole by the kernel: no zero fill first
-            dz = torch.empty_like(z) if new_dz else dz
+            dz = buffers.empty_like(z) if new_dz else dz  # reused memory on CPU (`buffers`)
             dW = torch.zeros_like(W) if want_W and dW is None else dW
             d_base = cpu_kernels.segment_kernels().segments_chain_backward(
                 z, W, idx, list(ctx.bounds), P, x, dP, dE, dz, dW, ends, overwrite_dz=new_dz)

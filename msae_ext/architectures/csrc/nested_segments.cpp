@@ -609,6 +609,18 @@ float* optional_out(const c10::optional<torch::Tensor>& t, const torch::Tensor& 
   return t->data_ptr<float>();
 }
 
+// an output the caller gave (`out`: contiguous, of this shape and dtype, on the CPU; its contents are
+// overwritten), or a new tensor
+torch::Tensor output_tensor(const c10::optional<torch::Tensor>& out, c10::IntArrayRef shape, const torch::TensorOptions& opts,
+                            const char* what) {
+  if (!out.has_value() || !out->defined()) return torch::empty(shape, opts);
+  TORCH_CHECK(out->device().is_cpu() && out->scalar_type() == opts.dtype().toScalarType() && out->is_contiguous() &&
+                  out->sizes() == shape,
+              "nested_segments: ", what, " must be a contiguous ", opts.dtype().name(), " CPU tensor of shape ", shape,
+              ", got ", out->sizes(), " (", out->scalar_type(), ")");
+  return *out;
+}
+
 }  // namespace
 
 torch::Tensor segments_forward(const torch::Tensor& z, const torch::Tensor& W, const torch::Tensor& idx,
@@ -621,17 +633,18 @@ torch::Tensor segments_forward(const torch::Tensor& z, const torch::Tensor& W, c
 
 // The segments and the chain of levels over them in one pass (`GatheredChain`):
 //   P[b, s] = base + sum_{s' <= s} Y[b, s'],   E[b, s] = |P[b, s] - x[b]|^2
-// without the (B, S, d) tensor of the segments themselves.
+// without the (B, S, d) tensor of the segments themselves. P is written into `out` when one is given.
 std::tuple<torch::Tensor, torch::Tensor> segments_chain_forward(
     const torch::Tensor& z, const torch::Tensor& W, const torch::Tensor& idx, const std::vector<int64_t>& bounds,
-    const c10::optional<torch::Tensor>& ends, const torch::Tensor& base, const torch::Tensor& x) {
+    const c10::optional<torch::Tensor>& ends, const torch::Tensor& base, const torch::Tensor& x,
+    const c10::optional<torch::Tensor>& out) {
   const Shape n = check(z, W, idx, bounds);
   check_chain_operand(base, {n.d}, "base");
   check_chain_operand(x, {n.B, n.d}, "x");
   Chain chain;
   chain.base = base.data_ptr<float>();
   chain.x = x.data_ptr<float>();
-  auto P = torch::empty({n.B, n.S, n.d}, z.options());
+  auto P = output_tensor(out, {n.B, n.S, n.d}, z.options(), "out (P)");
   const int64_t chunks = n_chunks(n.d);
   std::vector<float> err(chunks * n.B * n.S);
   forward_pass(z, W, idx, bounds, row_ends(ends, n), n, &chain, P.data_ptr<float>(), err.data());
@@ -827,7 +840,9 @@ inline PositiveEntries positive_entries(const float* row, int64_t D, uint32_t* b
 // with fewer than K positives fills the rest with its non-positive features in feature order (ranks past the
 // positives carry no activation, so which of them are listed does not matter). A row with a NaN, which ranks
 // first as in a sort, takes a cascade of nth_element over exact keys. O(D) a row either way.
-torch::Tensor nested_select(const torch::Tensor& pre, const std::vector<int64_t>& bounds) {
+// The ranking is written into `out` (int32, (B, K)) when one is given.
+torch::Tensor nested_select(const torch::Tensor& pre, const std::vector<int64_t>& bounds,
+                            const c10::optional<torch::Tensor>& out) {
   TORCH_CHECK(pre.device().is_cpu() && pre.scalar_type() == torch::kFloat && pre.dim() == 2 && pre.is_contiguous(),
               "nested_select: a contiguous 2-d float32 CPU tensor expected");
   const int64_t B = pre.size(0), D = pre.size(1);
@@ -837,7 +852,7 @@ torch::Tensor nested_select(const torch::Tensor& pre, const std::vector<int64_t>
   for (size_t s = 1; s < bounds.size(); ++s)
     TORCH_CHECK(bounds[s] > bounds[s - 1], "nested_select: bounds must increase");
   const int64_t K = bounds.back();
-  auto idx = torch::empty({B, K}, pre.options().dtype(torch::kInt));
+  auto idx = output_tensor(out, {B, K}, pre.options().dtype(torch::kInt), "out (the ranking)");
   const float* pp = pre.data_ptr<float>();
   int32_t* ip = idx.data_ptr<int32_t>();
   at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
@@ -916,7 +931,8 @@ torch::Tensor nested_select(const torch::Tensor& pre, const std::vector<int64_t>
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("nested_select", &nested_select, "rank segments of each row");
+  m.def("nested_select", &nested_select, "rank segments of each row", py::arg("pre"), py::arg("bounds"),
+        py::arg("out") = py::none());
   m.def("segments_forward", &segments_forward, "Y[b, s] = sum over segment s of z[b, f] W[f]", py::arg("z"),
         py::arg("W"), py::arg("idx"), py::arg("bounds"), py::arg("ends") = py::none());
   m.def("segments_backward", &segments_backward, "add the segments' terms to dz and dW in place", py::arg("z"),
@@ -924,7 +940,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ends") = py::none(), py::arg("overwrite_dz") = false);
   m.def("segments_chain_forward", &segments_chain_forward,
         "the levels' reconstructions P[b, s] = base + sum_{s' <= s} Y[b, s'] and their squared errors",
-        py::arg("z"), py::arg("W"), py::arg("idx"), py::arg("bounds"), py::arg("ends"), py::arg("base"), py::arg("x"));
+        py::arg("z"), py::arg("W"), py::arg("idx"), py::arg("bounds"), py::arg("ends"), py::arg("base"), py::arg("x"),
+        py::arg("out") = py::none());
   m.def("segments_chain_backward", &segments_chain_backward,
         "add the chain's segment terms to dz and dW in place; returns the gradient of base", py::arg("z"),
         py::arg("W"), py::arg("idx"), py::arg("bounds"), py::arg("P"), py::arg("x"), py::arg("dP"), py::arg("dE"),
