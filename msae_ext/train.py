@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
-from .architectures import PaperTrainingSAE, cpu_kernels, register_all, training_classes
+from .architectures import PaperTrainingSAE, buffers, cpu_kernels, register_all, training_classes
 from .config import TrainConfig
 from .distributed import DistEnv, StepModule, all_reduce_, init_distributed
 from .fileio import fsync_dir, write_text_atomic
@@ -547,11 +547,12 @@ def _run(cfgs: list[TrainConfig], dirs: list[Path], root: Path, resume: bool, pr
         for epoch in range(state.epoch, base.epochs):
             for batch in batches.epoch_batches(epoch, members[0].state.batch_in_epoch):
                 x = stats.apply(batch.to(device))
-                outs = [m.train_step(x, eval_x) for m in members]
+                # only the losses are kept: a step's (batch, d_sae) outputs go before the next step
+                losses = [m.train_step(x, eval_x).loss.detach() for m in members]
                 step = members[0].state.step
                 pbar.update(1)
                 if step % 20 == 0 or step == total_steps:
-                    pbar.set_postfix(loss=" ".join(f"{o.loss.item():.4g}" for o in outs),
+                    pbar.set_postfix(loss=" ".join(f"{loss.item():.4g}" for loss in losses),
                                      dead=" ".join(str(int(m.trainer.dead_neurons.sum())) for m in members))
                 if base.checkpoint_every > 0 and step % base.checkpoint_every == 0:
                     save_all()
@@ -562,6 +563,7 @@ def _run(cfgs: list[TrainConfig], dirs: list[Path], root: Path, resume: bool, pr
             save_all()
     finally:
         pbar.close()
+        buffers.release()  # the step's cached CPU memory (`msae_ext.architectures.buffers`)
     results = [m.finish(eval_source, progress) for m in members]
     env.barrier()
     return results
