@@ -99,10 +99,11 @@ def fired_per_feature(feature_acts: torch.Tensor) -> torch.Tensor:
 
 def paper_optimizer(params, lr: float, betas: tuple[float, float] = (0.9, 0.999),
                     weight_decay: float = 0.01) -> torch.optim.AdamW:
-    """AdamW as the paper's step takes it: torch's fused kernel where every parameter is a floating
-    CPU or CUDA tensor (the same update within float rounding, in one pass over each parameter
-    instead of the single-tensor loop's ten or so elementwise ops and their (d_sae, d_in)
-    temporaries), torch's default implementation elsewhere. benchmarks/train_step.py steps with it."""
+    """AdamW as the paper's step takes it: torch's fused kernel where every parameter is a float32,
+    float16 or bfloat16 CPU or CUDA tensor, torch's default implementation elsewhere. The fused
+    kernel gives the same update within float rounding, in one pass over each parameter instead of
+    the single-tensor loop's ten or so elementwise ops and their (d_sae, d_in) temporaries.
+    benchmarks/train_step.py steps with it."""
     params = list(params)
     fused = bool(params) and all(
         p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params

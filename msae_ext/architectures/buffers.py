@@ -8,10 +8,10 @@ ranking, the levels and the activation gradient. CUDA's caching allocator keeps 
 the next request. `empty` does the same for those few CPU tensors: it returns a tensor on a
 cached storage that nothing else references, or on a new storage it then caches.
 
-A storage is free when its use count is the pool's own reference and no Python name holds the
-pool's storage object. No tensor, view, autograd saved tensor or storage object may hold it. This is the test torch's CUDA-graph trees make
-(`torch._C._storage_Use_Count`). A tensor a caller keeps, such as a step's `TrainStepOutput`,
-keeps its storage out of reuse for as long as it is kept.
+A storage is free when its use count is the pool's own reference (the test torch's CUDA-graph
+trees make, `torch._C._storage_Use_Count`) and no Python name holds the pool's storage object:
+no tensor, view, autograd saved tensor or storage object may hold it. A tensor a caller keeps,
+such as a step's `TrainStepOutput`, keeps its storage out of reuse for as long as it is kept.
 
 Where it does not apply, `empty` is `torch.empty`:
 - off CPU;

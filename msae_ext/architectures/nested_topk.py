@@ -46,7 +46,7 @@ GEMMs) per level. It is the oracle of the tests.
     `DenseSegmentDecode` instead: a scatter into one (B, d_sae) buffer and GEMMs (tensor cores beat
     gathers there); the buffer is rebuilt in backward rather than kept.
 Extra memory: the (B, K) int32 ranking, kept for backward, one (B, d_in) reconstruction per
-level, and transients: (kernels) a (B, K) float32 buffer and the levels' squared errors per
+level, and transients: (kernels) a (512, K) float32 buffer and the levels' squared errors per
 column chunk (d_in / 32 x B x levels floats) in forward, the entries of 1024 rows
 grouped by feature (8 bytes an entry) in backward, and a chunk-major copy of the decoder,
 (PyTorch path) feature-sorted index arrays and blocked GEMM slices, (dense segments) one
