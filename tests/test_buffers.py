@@ -38,13 +38,15 @@ def test_storage_is_reused_only_when_unreferenced():
     torch.testing.assert_close(w.grad, torch.full((64, 8), 2.0))
     del other, loss
     # so does a storage object taken from a pooled tensor (torch's one Python object per storage)
+    buffers.release()
     d = buffers.empty((64, 8))
     s = d.untyped_storage()
     del d
-    e = buffers.empty((64, 8))
+    e = buffers.empty((64, 8))  # kept: d's storage is then the only one that can be free
     assert storage_ptr(e) != s.data_ptr()
+    freed = s.data_ptr()
     del s
-    assert storage_ptr(buffers.empty((64, 8))) == held
+    assert storage_ptr(buffers.empty((64, 8))) == freed
 
 
 def test_smaller_storage_is_not_reused_and_slack_makes_room(monkeypatch):

@@ -39,9 +39,7 @@ MIN_BYTES = 8 << 20
 MAX_STORAGES = 12
 
 _lock = threading.Lock()
-_storages: list[torch.UntypedStorage] = []
-_last_use: dict[int, int] = {}  # id(storage) -> tick of its last hand-out
-_tick = 0
+_storages: list[torch.UntypedStorage] = []  # least recently handed out first
 
 
 def enabled() -> bool:
@@ -82,33 +80,29 @@ def empty(shape: tuple[int, ...] | list[int] | torch.Size, dtype: torch.dtype = 
     positive pre-activations) finds it large enough the next time.
     """
     shape = tuple(int(s) for s in shape)
-    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if (torch.device(device).type != "cpu" or nbytes < MIN_BYTES or not enabled()
             or torch.compiler.is_compiling()):
         return torch.empty(shape, dtype=dtype, device=device)
-    global _tick
     with _lock:
-        _tick += 1
         fits = []
         for storage in _storages:
             if storage.nbytes() >= nbytes and _free(storage):
                 fits.append(storage)
         if fits:
             storage = min(fits, key=lambda s: s.nbytes())
+            _storages.remove(storage)
         else:
             storage = torch.UntypedStorage(int(nbytes * (1 + slack)), device="cpu")
-            _storages.append(storage)
-            while len(_storages) > MAX_STORAGES:
-                idle = []
-                for cached in _storages:
-                    if cached is not storage and _free(cached):
-                        idle.append(cached)
-                if not idle:
+            excess, drop = len(_storages) + 1 - MAX_STORAGES, []
+            for cached in _storages:  # past the cap, free ones go, least recently used first
+                if len(drop) >= excess:
                     break
-                oldest = min(idle, key=lambda s: _last_use.get(id(s), 0))
-                _storages.remove(oldest)
-                _last_use.pop(id(oldest), None)
-        _last_use[id(storage)] = _tick
+                if _free(cached):
+                    drop.append(cached)
+            for cached in drop:
+                _storages.remove(cached)
+        _storages.append(storage)
         return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
@@ -121,7 +115,6 @@ def release() -> None:
     """Drop the cached storages (those still in use live on with their tensors)."""
     with _lock:
         _storages.clear()
-        _last_use.clear()
 
 
 def cached_bytes() -> int:
