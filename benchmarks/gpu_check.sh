@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU checks for the training paths: the CUDA-only tests, the step benchmark in float32, bf16 and
 # bf16 + compile, and end-to-end `msae train` runs on CUDA (device-resident data, several SAEs,
-# autocast, torchrun with NCCL). Run from the repository root on a CUDA machine:
-#     bash benchmarks/gpu_check.sh [part]      # part: tests | fp32 | bf16 | train | all (default) | sweep
+# autocast, torchrun with NCCL), and where a step's device time goes (profile_step.py: phases, top
+# kernels, launches and host-device syncs a step). Run from the repository root on a CUDA machine:
+#     bash benchmarks/gpu_check.sh [part]      # part: tests | fp32 | bf16 | profile | train | all (default) | sweep
 # Writes logs to $OUT (default ./gpu_out).
 set -u
 export PYTHONUNBUFFERED=1
@@ -44,6 +45,14 @@ if [[ $part == bf16 || $part == all ]]; then
   $py benchmarks/train_step.py --device cuda --bf16 --repeats 20 --warmup 3 2>&1 | tee "$OUT/bench_bf16.log"
   $py benchmarks/train_step.py --device cuda --bf16 --compile --repeats 20 --warmup 3 --shapes 768:6144 \
     --methods msae_fused,msae_1level,topk_k64 2>&1 | tee "$OUT/bench_bf16_compile.log"
+fi
+if [[ $part == profile || $part == all ]]; then
+  for m in msae_fused msae_naive topk_k64; do
+    for bf in "" "--bf16"; do
+      $py benchmarks/profile_step.py --device cuda --method $m $bf --steps 5 --top 20 \
+        --trace "$OUT/trace_${m}${bf:+_bf16}.json"
+    done
+  done 2>&1 | tee "$OUT/profile.log"
 fi
 if [[ $part == train || $part == all ]]; then
   data=$(mktemp -d)

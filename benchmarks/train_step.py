@@ -80,7 +80,6 @@ def build(method: str, d_in: int, d_sae: int, device: str):
 def _authors_msae():
     """MSAETrainingSAE whose loss is computed as the authors' code does: per level, its own
     top-k over the pre-activations and a dense decode."""
-    import torch
     from sae_lens.saes.sae import TrainStepOutput
 
     from msae_ext.architectures import MSAETrainingSAE
@@ -107,8 +106,10 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def child(args: argparse.Namespace) -> None:
-    """Time one method on one shape; print one JSON line."""
+def prepare(args: argparse.Namespace):
+    """One method's SAE, data and optimizer on one shape: returns (step, active), `step()` being
+    one training step and `active` the fraction of positive pre-activations (also used by
+    profile_step.py)."""
     import torch
     from sae_lens.saes.sae import TrainStepInput
 
@@ -141,14 +142,28 @@ def child(args: argparse.Namespace) -> None:
                                 n_training_steps=0, is_logging_step=False)
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=args.bf16)
 
-    def step() -> None:
-        with autocast:
+    def step(phase=torch.profiler.record_function) -> None:
+        """One step; `phase(name)` brackets each part (by default a profiler range that
+        profile_step.py reports, a few microseconds each)."""
+        with phase("step::forward"), autocast:
             out = sae.training_forward_pass(step_input)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with phase("step::backward"):
+            out.loss.backward()
+        with phase("step::clip"):
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        with phase("step::optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
+    return step, active
+
+
+def child(args: argparse.Namespace) -> None:
+    """Time one method on one shape; print one JSON line."""
+    import torch
+
+    step, active = prepare(args)
+    device = args.device
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
