@@ -9,10 +9,11 @@ there): training_forward_pass -> backward -> clip-grad-norm -> AdamW. Printed, p
   * the wall time without the profiler (median) and with it;
   * the four phases (forward, backward, clip, optimizer): host time, and on CUDA the device time
     between CUDA events recorded as each begins and ends (further steps, outside the profiler);
-  * the ops with the most self time, their calls a step and share of the step. The compiled CPU
+  * on CPU the ops with the most self time, their calls a step and share. The compiled CPU
     kernels show as `msae_ext::<function>` (cpu_kernels.Labelled), the fused loss's autograd
     functions under their class names, their backward as `...Backward`;
-  * on CUDA, kernel launches and host-device synchronisations a step (`torch.cuda`'s sync debug
+  * on CUDA the kernels with the most device time instead, the device's busy time against the
+    step's, kernel launches, and host-device synchronisations a step (`torch.cuda`'s sync debug
     mode, one extra step): each sync stalls the host until the device drains, and launches after
     it run unoverlapped.
 """
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--steps must be at least 1")
 
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = args.device.startswith("cuda")
@@ -159,16 +161,23 @@ def main(argv: list[str] | None = None) -> None:
             line += f"{device_ms.get(name, 0.0) / n:>12.2f}"
         print(line)
 
-    # self time per op, the phases' own ranges left out (their time is their children's)
-    key = (lambda e: getattr(e, self_device_attr)) if cuda else (lambda e: e.self_cpu_time_total)
-    ops = [e for e in events if e.key not in PHASES and e.key != "ProfilerStep*"]
+    if cuda:  # the device's own events (kernels, copies, fills): an op's time is its kernels'
+        key = lambda e: getattr(e, self_device_attr)  # noqa: E731
+        ops = [e for e in events if e.device_type == DeviceType.CUDA]
+        title = "kernel (top {} by device time)"
+    else:  # self time per op, the phases' own ranges left out (their time is their children's)
+        key = lambda e: e.self_cpu_time_total  # noqa: E731
+        ops = [e for e in events if e.key not in PHASES]
+        title = "op (top {} by self host time)"
     ops.sort(key=key, reverse=True)
     total = sum(key(e) for e in ops) or 1.0
-    unit = "device" if cuda else "host"
-    print(f"\nop (top {args.top} by self {unit} time)                 calls/step   ms/step   share")
+    print(f"\n{title.format(args.top):<52}calls/step   ms/step   share")
     for e in ops[: args.top]:
         print(f"{e.key[:52]:<52}{e.count / n:>8.1f}{key(e) / 1e3 / n:>10.2f}{100 * key(e) / total:>7.1f}%")
     print(f"{'all_ops':<52}{sum(e.count for e in ops) / n:>8.1f}{total / 1e3 / n:>10.2f}")
+    if cuda:  # what the kernels leave idle: launch gaps, syncs, host work
+        print(f"device busy {total / 1e3 / n:.2f} ms of the profiled step's {1e3 * profiled:.2f} ms "
+              f"({100 * total / 1e3 / n / (1e3 * profiled):.0f}%)")
 
     if cuda:
         launches = defaultdict(int)
