@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,14 +15,12 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def _module(name: str):
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(BENCH))
+    """A benchmark script as a module (profile_step.py puts its own folder on sys.path for
+    train_step.py)."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _rows(text: str) -> dict[str, list[float]]:
@@ -73,7 +70,7 @@ def test_profile_step_names_bad_arguments(capsys):
             module.main(["--device", "cuda", "--shape", "32:256", "--batch", "8"])
 
 
-def test_labelled_kernels_compute_the_same(monkeypatch):
+def test_labelled_kernels_compute_the_same():
     """The profiler label wraps the call and nothing else: same outputs, same function names."""
     kernels = cpu_kernels.segment_kernels()
     if kernels is None:
