@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -83,3 +84,53 @@ def test_labelled_kernels_compute_the_same():
     assert torch.equal(n_pos, (pre > 0).sum(1, dtype=torch.int32))
     assert kernels.count_positive.__name__ == "count_positive"
     assert "msae_ext::count_positive" in {e.key for e in prof.key_averages()}
+
+
+def test_traffic_mode_counts_hand_computed_bytes():
+    """The traffic model on ops whose bytes are known: an elementwise op reads and writes its
+    tensors, a view moves nothing, a gather reads as many source elements as it writes, an in-place
+    scatter reads and writes its source's count, a factory reads nothing, a GEMM its operands."""
+    module = _module("profile_step")
+    a, b = torch.randn(100, 10), torch.randn(10, 5)
+    idx = torch.randint(0, 10, (100, 3))
+    src = torch.randn(100, 3)
+    with module.traffic_mode() as t:
+        c = a + 1.0                       # read 4000, write 4000
+        a.t()                             # a view: nothing
+        a.gather(1, idx)                  # read 1200 of a and 2400 of idx, write 1200
+        z = torch.zeros_like(a)           # write 4000
+        z.scatter_(1, idx, src)           # read 1200 (src) + 2400 (idx) + 1200 (old values), write 1200
+        c @ b                             # read 4000 + 200, write 2000
+    ops = {name: tuple(v) for name, v in t.ops.items()}
+    assert ops["add"] == (1, 4000, 4000)
+    assert "t" not in ops and "transpose" not in ops
+    assert ops["gather"] == (1, 1200 + 2400, 1200)
+    assert ops["zeros_like"] == (1, 0, 4000)
+    assert ops["scatter_"] == (1, 1200 + 2400 + 1200, 1200)
+    assert ops["mm"] == (1, 4200, 2000)
+
+
+def test_profile_step_traffic_counts_a_steps_gemms(capsys, monkeypatch):
+    """--traffic over one step of the GPU's code path: sae-lens TopK's six GEMMs, and the fused
+    MSAE's, with every rank segment dense, two for the encoder and three for each dense segment and
+    the full level, and one (1, d_sae) x (d_sae, d_in) product for b_dec's gradient
+    (`CenteredEncode`); the compiled kernels are off only while it runs."""
+    from msae_ext.architectures import nested_topk
+
+    monkeypatch.setattr(nested_topk, "DENSE_DECODE_FRACTION", dict(nested_topk.DENSE_DECODE_FRACTION))
+    monkeypatch.delenv(cpu_kernels.ENV, raising=False)
+    module = _module("profile_step")
+    gemms = {}
+    for method in ("topk_k64", "msae_fused"):
+        module.main(["--traffic", "--method", method, "--shape", "32:256", "--batch", "64", "--warmup", "1",
+                     "--top", "60", "--dense-fraction", "0"])
+        out = capsys.readouterr().out
+        rows = _rows(out)
+        gemms[method] = sum(rows[name][0] for name in ("mm", "addmm") if name in rows)
+        total = float(re.search(r"total ([\d.]+) buffers", out).group(1))
+        assert total > 0 and "CPU segment kernels off" in out
+    assert cpu_kernels.ENV not in os.environ  # restored
+    assert gemms["topk_k64"] == 6
+    # 256 latents, k-list 64, 128, 256 (k_min 64): at 0.5 active the levels 64 and 128 are partial,
+    # two dense rank segments, and the full level is the GEMM
+    assert gemms["msae_fused"] == 2 + 3 * 2 + 3 + 1
