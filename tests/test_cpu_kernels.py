@@ -154,8 +154,8 @@ def test_gathered_segments_with_and_without_kernels_agree(kernels, monkeypatch, 
 
 
 def test_select_matches_the_stable_ranking(kernels, monkeypatch):
-    """Rank segments from the compiled select and from the PyTorch path (top-k, exact int64 keys
-    for rows with ties at a boundary) hold the features of a stable descending sort's ranks:
+    """Rank segments from the compiled select and from the PyTorch path (top-k, a stable sort of
+    the rows with ties at a boundary) hold the features of a stable descending sort's ranks:
     ties (duplicated values, +-0) inside and across the select's value buckets, rows with fewer
     positives than K, NaN, infinities, subnormal and huge values. A row's positives come first;
     past them (no activation there) any distinct non-positive features may fill the row."""
@@ -185,7 +185,7 @@ def test_select_matches_the_stable_ranking(kernels, monkeypatch):
         assert int((n_pos < K).sum()) >= 3  # rows the select pads
         past = (torch.arange(K)[None, :] >= n_pos[:, None]) & ~pre.isnan().any(-1, keepdim=True)
         want = canonical(pre.sort(dim=-1, descending=True, stable=True).indices[:, :K], bounds, past)
-        for path in ("1", "0"):  # the compiled select; the PyTorch path (ties at boundaries: exact keys)
+        for path in ("1", "0"):  # the compiled select; the PyTorch path (ties at boundaries: a stable sort)
             monkeypatch.setenv(cpu_kernels.ENV, path)
             got = rank_segments(pre, bounds)
             assert got.dtype == torch.int32 and torch.equal(canonical(got, bounds, past), want), (K, path)

@@ -263,6 +263,54 @@ def test_dense_segment_decode_gradients_match_autograd_of_dense_math():
     torch.testing.assert_close(DenseSegmentDecode.apply(c, idx, W), Z @ W)
 
 
+def test_dense_segment_decode_under_autocast_equals_the_float32_buffer_cast_by_autocast():
+    """Under autocast the scattered buffer is built in bf16 rather than built in float32 and cast by
+    the GEMM: the output and both gradients are bit for bit those of the float32 buffer."""
+    torch.manual_seed(0)
+    B, D, d, w = 64, 96, 24, 20
+    idx = torch.stack([torch.randperm(D)[:w] for _ in range(B)])
+    c0 = torch.rand(B, w) * 3
+    c0[0, 12:] = 0.0
+    W0 = torch.randn(D, d)
+    dY = torch.randn(B, d).bfloat16()
+
+    c, W = c0.clone().requires_grad_(), W0.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        Y = DenseSegmentDecode.apply(c, idx, W)
+    Y.backward(dY)
+
+    cr, Wr = c0.clone().requires_grad_(), W0.clone().requires_grad_()  # a float32 buffer, autocast's casts
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        Yr = torch.zeros(B, D).scatter(1, idx, cr) @ Wr
+    Yr.backward(dY)
+
+    assert Y.dtype == Yr.dtype == torch.bfloat16
+    assert torch.equal(Y, Yr)
+    assert torch.equal(c.grad, cr.grad) and torch.equal(W.grad, Wr.grad)
+    assert c.grad[0, 12:].abs().sum() > 0  # past the positives: a gradient the ReLU stops, not this
+
+
+def test_dense_operands_are_one_gather_split_into_the_ranges():
+    """Each dense range's (c, idx) from one gather over the ranges' span, gaps (gathered ranges)
+    between them included: the values and z's gradient of a gather per range."""
+    torch.manual_seed(0)
+    B, D, width = 5, 40, 30
+    indices = torch.stack([torch.randperm(D)[:width] for _ in range(B)]).to(torch.int32)
+    ranges = [(2, 6), (10, 18), (18, 25)]  # [6, 10) between them is another piece's
+    z = torch.randn(B, D, requires_grad=True)
+    ops = nested_topk._dense_operands(z, indices, ranges)
+    assert list(ops) == ranges
+    weights = [torch.randn(B, b - a) for a, b in ranges]
+    sum((c * w).sum() for (c, _), w in zip(ops.values(), weights)).backward()
+    want = torch.zeros(B, D)
+    for (a, b), w in zip(ranges, weights):
+        c, idx = ops[a, b]
+        assert torch.equal(idx, indices[:, a:b].long()) and torch.equal(c, z.detach().gather(1, idx))
+        want.scatter_(1, idx, w)  # features are unique within a row
+    assert torch.equal(z.grad, want)
+    assert nested_topk._dense_operands(z, indices, []) == {}
+
+
 @pytest.mark.parametrize("fraction", [0.0, float("inf")], ids=["dense_segments", "gathered_segments"])
 def test_gemms_follow_autocast_in_forward_and_backward(fraction, monkeypatch):
     """Under CPU bf16 autocast the GEMMs (the full level's, and the dense segments') run in bf16

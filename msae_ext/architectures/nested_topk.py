@@ -174,8 +174,14 @@ def rank_segments(pre: torch.Tensor, bounds: list[int]) -> torch.Tensor:
     """(B, bounds[-1]) int32: each row's features of ranks [bounds[s], bounds[s+1]) in columns
     [bounds[s], bounds[s+1]), a row's positive entries first (`NestedSelection`). On CPU in
     float32 the compiled select (no sort, O(D + K) a row) does it; elsewhere one sorted top-k, with
-    the rows where equal values straddle a segment boundary (or NaN appears) ranked again by exact
-    keys."""
+    the rows where equal values straddle a segment boundary (or NaN appears) ranked again by a
+    stable sort.
+
+    Such rows are rare with float32 pre-activations (one row in 4096 at 768 -> 6144), but under
+    bf16 autocast with equal encoder biases (the paper's initialisation) every row has them: the
+    encoder's GEMM rounds to 8 bits of mantissa. The stable sort of those rows is one float32 sort
+    (32-bit keys); the exact int64 keys it replaced took about eight int64 (B, d_sae) passes and a
+    top-k over 64-bit keys for every row."""
     kernels = cpu_kernels.kernels_for(pre)
     if kernels is not None:  # into reused memory (`buffers`); its width follows the batch's counts
         out = buffers.empty((pre.shape[0], bounds[-1]), torch.int32, pre.device, slack=1 / 16)
@@ -188,19 +194,12 @@ def rank_segments(pre: torch.Tensor, bounds: list[int]) -> torch.Tensor:
             ambiguous |= values[:, k - 1] == values[:, k]
     order = order[:, :K]
     rows = ambiguous.nonzero().squeeze(1)
-    if rows.numel():
-        order[rows] = _ranked_by_keys(pre[rows], K)
+    # value descending, then feature ascending (NaN first, as torch.sort has it)
+    if rows.numel() == pre.shape[0]:  # every row (bf16 at initialisation): no (B, d_sae) copy of them
+        order = pre.sort(dim=-1, descending=True, stable=True).indices[:, :K]
+    elif rows.numel():
+        order[rows] = pre[rows].sort(dim=-1, descending=True, stable=True).indices[:, :K]
     return order.to(torch.int32)
-
-
-def _ranked_by_keys(pre: torch.Tensor, K: int) -> torch.Tensor:
-    """The top-K features of each row ordered by value descending, then feature ascending (a NaN
-    with the sign bit clear first, as in a sort): one top-k over distinct int64 keys."""
-    bits = pre.float().contiguous().view(torch.int32).long()
-    value_key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # orders like the float
-    feature = torch.arange(pre.shape[-1], device=pre.device)
-    key = (value_key << 32) | (0xFFFFFFFF - feature)  # distinct: equal values rank by feature
-    return key.topk(K, dim=-1, sorted=True).indices
 
 
 def nested_level_activations(
@@ -281,15 +280,21 @@ class DenseSegmentDecode(torch.autograd.Function):
     S is a (B, d_sae) buffer built by a scatter in forward and rebuilt in backward, so nothing of
     size B x d_sae is kept between them. Entries with c = 0 (past a row's positives) add nothing,
     and their gradient is stopped by the ReLU that made them. The GEMMs follow the caller's
-    autocast, in forward and in backward.
+    autocast, in forward and in backward. Under autocast S is built in the autocast dtype, which
+    the GEMM would cast it to anyway (rounding c first and then placing it among exact zeros gives
+    the same matrix): half the bytes written, and no (B, d_sae) cast pass before each GEMM.
     """
+
+    @staticmethod
+    def _scattered(c, idx, W, dtype):
+        """S: (B, d_sae) zeros with S[b, idx[b, j]] = c[b, j], in `dtype`."""
+        return c.new_zeros(c.shape[0], W.shape[0], dtype=dtype).scatter_(1, idx, c.to(dtype))
 
     @staticmethod
     def forward(ctx, c, idx, W):  # type: ignore[override]
         ctx.autocast = autocast_dtype(W.device.type)
         ctx.save_for_backward(c, idx, W)
-        S = c.new_zeros(c.shape[0], W.shape[0]).scatter_(1, idx, c)
-        return S @ W
+        return DenseSegmentDecode._scattered(c, idx, W, ctx.autocast or c.dtype) @ W
 
     @staticmethod
     def backward(ctx, dY):  # type: ignore[override]
@@ -300,7 +305,7 @@ class DenseSegmentDecode(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 dc = (dY @ W.T).gather(1, idx).to(c.dtype)
             if ctx.needs_input_grad[2]:
-                S = c.new_zeros(c.shape[0], W.shape[0]).scatter_(1, idx, c)
+                S = DenseSegmentDecode._scattered(c, idx, W, ctx.autocast or c.dtype)
                 dW = (S.T @ dY).to(W.dtype)
         return dc, None, dW
 
@@ -529,6 +534,24 @@ def _flat_positions(idx: torch.Tensor, width: int) -> torch.Tensor:
     return (rows + idx.to(dtype)).reshape(-1)
 
 
+def _dense_operands(z: torch.Tensor, indices: torch.Tensor, ranges: list[tuple[int, int]]
+                    ) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """(c, idx) of `DenseSegmentDecode` for each column range of the ranking, c = z at the range's
+    features: one gather over the ranges' span, split into them. A gather per range would give z
+    one gradient per range in backward, each a (B, d_sae) buffer of zeros with that range's entries,
+    summed by autograd one at a time; split from one gather, the ranges' gradients are joined at
+    (B, span) and scattered into one such buffer."""
+    if not ranges:
+        return {}
+    lo, hi = min(a for a, _ in ranges), max(b for _, b in ranges)
+    cuts = sorted({lo, hi, *(v for r in ranges for v in r)})
+    sizes = [b - a for a, b in zip(cuts[:-1], cuts[1:])]
+    idx = indices[:, lo:hi].long()
+    parts = zip(zip(cuts[:-1], cuts[1:]), z.gather(1, idx).split(sizes, dim=1), idx.split(sizes, dim=1))
+    found = {r: (c, i) for r, c, i in parts}
+    return {r: found[r] for r in ranges}
+
+
 #: rows per block of a wide gathered segment's backward GEMMs, and decoder rows per block of the
 #: narrow segments' dW: the transient buffers stay a fraction of one (B, d_sae) buffer
 _ROW_BLOCK = 256
@@ -579,12 +602,12 @@ def nested_topk_loss_fused(
     if segments:
         pieces: list[torch.Tensor] = []  # each range's decode, in order
         chain = None  # (levels, errors) when one gathered run is the whole chain of levels (`GatheredChain`)
+        dense = _dense_operands(z, sel.indices, [(lo, k) for lo, k in segments if k - lo >= dense_from])
         j = 0
         while j < len(segments):
             lo, k = segments[j]
             if k - lo >= dense_from:
-                idx = sel.indices[:, lo:k].long()
-                c = z.gather(1, idx)
+                c, idx = dense[lo, k]
                 pieces.append(DenseSegmentDecode.apply(c, idx, W_dec.to(c.dtype)))
                 j += 1
                 continue
