@@ -34,7 +34,10 @@ if [[ $part == sweep ]]; then  # where dense rank segments start to pay off (DEN
 import torch, time
 for d_sae, K in ((6144, 2048), (16384, 4096)):
     pre = torch.randn(4096, d_sae, device="cuda")
-    for name, fn in (("topk", lambda: pre.topk(K, dim=-1, sorted=True)), ("sort", lambda: pre.sort(dim=-1, descending=True))):
+    # the selection: the top-k, and the stable sort that ranks rows with ties at a boundary (every
+    # row under bf16 at equal encoder biases)
+    for name, fn in (("topk", lambda: pre.topk(K, dim=-1, sorted=True)), ("sort", lambda: pre.sort(dim=-1, descending=True)),
+                     ("stable sort", lambda: pre.sort(dim=-1, descending=True, stable=True))):
         for _ in range(3): fn()
         torch.cuda.synchronize(); t = time.perf_counter()
         for _ in range(20): fn()

@@ -180,8 +180,8 @@ def rank_segments(pre: torch.Tensor, bounds: list[int]) -> torch.Tensor:
     Such rows are rare with float32 pre-activations (one row in 4096 at 768 -> 6144), but under
     bf16 autocast with equal encoder biases (the paper's initialisation) every row has them: the
     encoder's GEMM rounds to 8 bits of mantissa. The stable sort of those rows is one float32 sort
-    (32-bit keys); the exact int64 keys it replaced took about eight int64 (B, d_sae) passes and a
-    top-k over 64-bit keys for every row."""
+    (32-bit keys); the exact int64 keys it replaced took six int64 (B, d_sae) passes and a top-k
+    over 64-bit keys, which every row then paid."""
     kernels = cpu_kernels.kernels_for(pre)
     if kernels is not None:  # into reused memory (`buffers`); its width follows the batch's counts
         out = buffers.empty((pre.shape[0], bounds[-1]), torch.int32, pre.device, slack=1 / 16)
