@@ -18,13 +18,14 @@ there): training_forward_pass -> backward -> clip-grad-norm -> AdamW. Printed, p
     it run unoverlapped.
 
 `--traffic` counts instead, over one step, the bytes every aten op reads and writes (a
-TorchDispatchMode; `Traffic` says how), in units of one batch-by-width float32 buffer, with the
-ops a step. On a GPU most of a step's ops are memory-bound kernels, one launch each, so these are
-the step's memory traffic and launches there; counted on any device, the CPU included. It turns
-the compiled CPU kernels off (they are no aten ops): the step is then the GPU's code path
-(with `--dense-fraction` and `--bf16` as on the GPU). For example, the GPU's bf16 defaults on CPU:
+TorchDispatchMode; `traffic_mode` says what it counts), in units of one batch-by-width float32
+buffer, with the ops a step. On a GPU most of a step's ops are memory-bound kernels, one launch
+each, so these model the step's memory traffic and launches there; they can be counted on any
+device, the CPU included. It turns the compiled CPU kernels off while it runs (they are no aten
+ops): the step is then the GPU's code path, with `--dense-fraction` and `--bf16` as on the GPU.
+For example, the GPU's bf16 defaults, counted on CPU:
 
-    MSAE_CPU_KERNELS=0 python benchmarks/profile_step.py --traffic --bf16 --dense-fraction 0
+    python benchmarks/profile_step.py --traffic --bf16 --dense-fraction 0
 """
 
 from __future__ import annotations
@@ -65,16 +66,20 @@ def count_syncs(step) -> int:
 def traffic_mode():
     """A TorchDispatchMode that counts, per aten op, the calls and the bytes read and written.
 
-    The model, per op: an output that is a view of an input (view, slice, transpose, ...) or a
-    change of a tensor's storage or shape (`set_`, `resize_`) moves nothing; a new output is written whole; an input is read whole, except the source of a gather
-    (gather, index_select, embedding, indexing), of which only the gathered elements (as many as
-    the output) are read, and a factory that takes a tensor for its shape (`new_zeros`,
-    `zeros_like`) reads nothing; an input the op writes in place (`add_`, `scatter_`, `zero_`, an
-    `out=`) is written whole (and read, unless the op only fills or copies into it), except by a
-    scatter (scatter, scatter_add, index_add, index_put, index_copy), which reads and writes as many
-    elements as its source; an out-of-place scatter also copies its input. Scalars are ignored. A GEMM
-    is counted by its operands' and output's bytes, which on a GPU are read about once at these
-    shapes. It is a model of memory-bound kernels, not a measurement.
+    The model, per op:
+      * a view of an input (view, slice, transpose, ...) and a change of a tensor's storage or
+        shape (`set_`, `resize_`) move nothing;
+      * a new output is written whole;
+      * an input is read whole, except the source of a gather (gather, index_select, embedding,
+        indexing), of which as many elements as the output holds are read, and the tensor a
+        factory takes for its shape (`new_zeros`, `zeros_like`), which is not read;
+      * an input written in place (`add_`, `scatter_`, `zero_`, an `out=`) is written whole, and
+        read too unless the op only fills or copies into it; a scatter (scatter, scatter_add,
+        index_add, index_put, index_copy) reads and writes as many elements as its source
+        instead, and an out-of-place one also copies its input;
+      * scalars are ignored; a GEMM counts its operands and output once (on a GPU they are read
+        about once at these shapes); a sort or top-k counts its input and outputs, not its passes.
+    It is a model of memory-bound kernels, not a measurement.
     """
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -130,7 +135,7 @@ def traffic_mode():
                         written += scatter_src * per
                     else:
                         written += nbytes(t)
-                        if name not in ("zero_", "fill_", "copy_", "normal_", "uniform_", "empty"):
+                        if name not in ("zero_", "fill_", "copy_", "normal_", "uniform_"):
                             read += nbytes(t)
                 elif name in factories:  # new_zeros(self, ...), zeros_like(self): only the shape is used
                     continue
