@@ -9,11 +9,9 @@ from sae_lens.saes.sae import TrainStepInput
 from msae_ext.architectures import MSAETrainingSAE, MSAETrainingSAEConfig
 from msae_ext.architectures import nested_topk
 from msae_ext.architectures.nested_topk import (
-    DenseSegmentDecode,
+    DenseSegments,
     GatheredSegments,
     nested_selection,
-    nested_topk_loss_fused,
-    nested_topk_loss_reference,
 )
 
 RTOL = 1e-5
@@ -250,65 +248,62 @@ def test_gathered_segments_match_autograd_of_dense_math(dense_dc, with_full, mon
         torch.testing.assert_close(a, b)
 
 
-def test_dense_segment_decode_gradients_match_autograd_of_dense_math():
+def _dense_case(dtype):
+    """z (ReLU'd, so zero past some entries), W, a span of a row-unique ranking and dense ranges in
+    it with a gap (another piece's columns)."""
     torch.manual_seed(0)
-    B, D, d, w = 6, 30, 4, 5
+    B, D, d, w = 6, 30, 4, 14
     idx = torch.stack([torch.randperm(D)[:w] for _ in range(B)])  # unique per row, like a sort
-    c = torch.rand(B, w, dtype=torch.float64)
-    c[0, 3:] = 0.0  # past a row's positives
-    c.requires_grad_()
-    W = torch.randn(D, d, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda c, W: DenseSegmentDecode.apply(c, idx, W), (c, W))
-    Z = torch.zeros(B, D, dtype=torch.float64).scatter(1, idx, c)
-    torch.testing.assert_close(DenseSegmentDecode.apply(c, idx, W), Z @ W)
+    z = torch.randn(B, D, dtype=dtype).relu()
+    W = torch.randn(D, d, dtype=dtype)
+    return z, W, idx, [(0, 3), (5, 9), (9, 14)]
 
 
-def test_dense_segment_decode_under_autocast_equals_the_float32_buffer_cast_by_autocast():
-    """Under autocast the scattered buffer is built in bf16 rather than built in float32 and cast by
-    the GEMM: the output and both gradients are bit for bit those of the float32 buffer."""
-    torch.manual_seed(0)
-    B, D, d, w = 64, 96, 24, 20
-    idx = torch.stack([torch.randperm(D)[:w] for _ in range(B)])
-    c0 = torch.rand(B, w) * 3
-    c0[0, 12:] = 0.0
-    W0 = torch.randn(D, d)
-    dY = torch.randn(B, d).bfloat16()
+def _dense_math(z, W, idx, ranges, with_full):
+    """The same outputs by plain autograd: a masked copy of z and a GEMM per segment."""
+    Y = torch.stack([torch.zeros_like(z).scatter(1, idx[:, a:b], z.gather(1, idx[:, a:b])) @ W for a, b in ranges], 1)
+    return (z @ W if with_full else z.new_empty(0)), Y
 
-    c, W = c0.clone().requires_grad_(), W0.clone().requires_grad_()
+
+@pytest.mark.parametrize("with_full", [True, False])
+def test_dense_segments_gradients_match_autograd_of_dense_math(with_full):
+    z, W, idx, ranges = _dense_case(torch.float64)
+    z.requires_grad_(), W.requires_grad_()
+    fn = lambda z, W: DenseSegments.apply(z, W, idx.to(torch.int32), ranges, with_full)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (z, W))
+    for got, want in zip(fn(z, W), _dense_math(z, W, idx, ranges, with_full)):
+        torch.testing.assert_close(got, want)
+
+
+def test_dense_segments_under_autocast_equal_float32_buffers_cast_by_autocast():
+    """Under autocast each segment's buffer is built in bf16 rather than in float32 and cast by the
+    GEMM, and the segments' activation gradients are added into the full level's in place: the
+    outputs and z's gradient are bit for bit those of plain autograd over float32 buffers. W's
+    gradient is each GEMM's bf16 product summed in float32 (plain autograd sums them in bf16, at
+    the one cast of W that autocast caches)."""
+    z0, W0, idx, ranges = _dense_case(torch.float32)
+    upstream = [torch.randn(6, 4).bfloat16(), torch.randn(6, 3, 4).bfloat16()]
+    grads = []
+    for fn in (lambda z, W: DenseSegments.apply(z, W, idx, ranges, True),
+               lambda z, W: _dense_math(z, W, idx, ranges, True)):
+        z, W = z0.clone().requires_grad_(), W0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            full, Y = fn(z, W)
+        torch.autograd.backward([full, Y], upstream)
+        grads.append((full, Y, z.grad, W.grad))
+    (full, Y, dz, dW), (full_r, Y_r, dz_r, dW_r) = grads
+    assert Y.dtype == Y_r.dtype == torch.bfloat16
+    assert torch.equal(full.bfloat16(), full_r) and torch.equal(Y, Y_r)
+    assert torch.equal(dz, dz_r)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        Y = DenseSegmentDecode.apply(c, idx, W)
-    Y.backward(dY)
-
-    cr, Wr = c0.clone().requires_grad_(), W0.clone().requires_grad_()  # a float32 buffer, autocast's casts
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        Yr = torch.zeros(B, D).scatter(1, idx, cr) @ Wr
-    Yr.backward(dY)
-
-    assert Y.dtype == Yr.dtype == torch.bfloat16
-    assert torch.equal(Y, Yr)
-    assert torch.equal(c.grad, cr.grad) and torch.equal(W.grad, Wr.grad)
-    assert c.grad[0, 12:].abs().sum() > 0  # past the positives: a gradient the ReLU stops, not this
-
-
-def test_dense_operands_are_one_gather_split_into_the_ranges():
-    """Each dense range's (c, idx) from one gather over the ranges' span, gaps (gathered ranges)
-    between them included: the values and z's gradient of a gather per range."""
-    torch.manual_seed(0)
-    B, D, width = 5, 40, 30
-    indices = torch.stack([torch.randperm(D)[:width] for _ in range(B)]).to(torch.int32)
-    ranges = [(2, 6), (10, 18), (18, 25)]  # [6, 10) between them is another piece's
-    z = torch.randn(B, D, requires_grad=True)
-    ops = nested_topk._dense_operands(z, indices, ranges)
-    assert list(ops) == ranges
-    weights = [torch.randn(B, b - a) for a, b in ranges]
-    sum((c * w).sum() for (c, _), w in zip(ops.values(), weights)).backward()
-    want = torch.zeros(B, D)
-    for (a, b), w in zip(ranges, weights):
-        c, idx = ops[a, b]
-        assert torch.equal(idx, indices[:, a:b].long()) and torch.equal(c, z.detach().gather(1, idx))
-        want.scatter_(1, idx, w)  # features are unique within a row
-    assert torch.equal(z.grad, want)
-    assert nested_topk._dense_operands(z, indices, []) == {}
+        products = [z0.T @ upstream[0]] + [
+            torch.zeros_like(z0).scatter(1, idx[:, a:b], z0.gather(1, idx[:, a:b])).T @ upstream[1][:, s]
+            for s, (a, b) in enumerate(ranges)]
+    assert all(p.dtype == torch.bfloat16 for p in products)
+    torch.testing.assert_close(dW, sum(p.float() for p in products), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dW, dW_r, rtol=0.05, atol=0.05)  # the bf16 sum: close, not equal
+    past = z0 == 0  # features past a row's positives that a segment holds get a gradient the ReLU stops
+    assert bool((dz[past] != 0).any())
 
 
 @pytest.mark.parametrize("fraction", [0.0, float("inf")], ids=["dense_segments", "gathered_segments"])
@@ -347,7 +342,7 @@ def test_fused_matches_reference_on_cuda_and_under_bf16_autocast(mode, monkeypat
 
 def test_compiled_step_matches_eager(monkeypatch):
     """`compile: true` wraps the training forward in torch.compile. Dynamo's tracing of our autograd
-    functions (CenteredEncode, GatheredSegments, DenseSegmentDecode) gives the eager loss and every
+    functions (CenteredEncode, GatheredSegments, DenseSegments) gives the eager loss and every
     gradient; the aot_eager backend checks the tracing on CPU without inductor's code generation."""
     import warnings
 

@@ -43,7 +43,7 @@ GEMMs) per level. It is the oracle of the tests.
     the level gradients from the levels where they read them: no (B, S, d_in) tensor of the
     segments nor of their gradients, and no (B, d_in) op per level.
   * Segments at least DENSE_DECODE_FRACTION of d_sae wide (on a GPU) are decoded by
-    `DenseSegmentDecode` instead: a scatter into one (B, d_sae) buffer and GEMMs (tensor cores beat
+    `DenseSegments` instead: a scatter into one (B, d_sae) buffer and GEMMs (tensor cores beat
     gathers there); the buffer is rebuilt in backward rather than kept.
 Extra memory: the (B, K) int32 ranking, kept for backward, one (B, d_in) reconstruction per
 level, and transients: (kernels) a (512, K) float32 buffer and the levels' squared errors per
@@ -253,7 +253,7 @@ def _exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
 #: (2 cores, 768 -> 6144, batch 1024) is about 1/7.
 DENSE_SEGMENT_FRACTION = 1 / 8
 
-#: a rank segment at least this fraction of d_sae wide is decoded densely (`DenseSegmentDecode`:
+#: a rank segment at least this fraction of d_sae wide is decoded densely (`DenseSegments`:
 #: scatter into a (B, d_sae) buffer, GEMMs forward and backward) instead of gathered
 #: (`GatheredSegments`); keyed by (device type, autocast on). Measured with benchmarks/train_step.py
 #: --dense-fraction (benchmarks/README.md): on CPU gathers win at every width; on an H100 in float32
@@ -274,40 +274,67 @@ def dense_decode_fraction(device_type: str) -> float:
     return DENSE_DECODE_FRACTION[key]
 
 
-class DenseSegmentDecode(torch.autograd.Function):
-    """Y = S W with S[b, idx[b, j]] = c[b, j] for one rank segment of width w (idx unique per row).
+class DenseSegments(torch.autograd.Function):
+    """The full level's decode and rank segments' decodes by GEMMs, from the dense z:
 
-    S is a (B, d_sae) buffer built by a scatter in forward and rebuilt in backward, so nothing of
-    size B x d_sae is kept between them. Entries with c = 0 (past a row's positives) add nothing,
-    and their gradient is stopped by the ReLU that made them. The GEMMs follow the caller's
-    autocast, in forward and in backward. Under autocast S is built in the autocast dtype, which
-    the GEMM would cast it to anyway (rounding c first and then placing it among exact zeros gives
-    the same matrix): half the bytes written, and no (B, d_sae) cast pass before each GEMM.
+        F       = z W                                   (when `with_full`; else empty)
+        Y[b, s] = S_s[b] W,   S_s[b, f] = z[b, f] for f in idx[b, lo_s:hi_s], 0 elsewhere
+
+    idx is (B, w), the ranking's columns of a span, and `ranges` the segments' column ranges in it
+    (with gaps where other pieces are gathered); features are unique within a row. The GEMMs
+    follow the caller's autocast, in forward and in backward, and run on operands cast once: the
+    span's activations c (B, w) are gathered and cast in forward and kept, and so is z's cast for
+    the full level (autograd keeps the same cast for a plain `z @ W`). Each S_s is a (B, d_sae)
+    buffer scattered from c in the GEMMs' dtype (a value rounded before it is placed among exact
+    zeros is the value a cast of the float32 buffer gives: half the bytes, no cast pass), in
+    forward and again in backward, one at a time, so no (B, d_sae) buffer of a segment is kept
+    between them. Entries past a row's positives have z = 0: they add nothing, and their gradient
+    is stopped by the ReLU that made z.
+
+    backward: dz = dF W^T (or zeros) is the one (B, d_sae) gradient of z; each segment's
+    activation gradient, dY_s W^T at its entries, is added into it in place, rather than each
+    segment giving z a (B, d_sae) gradient of its own for autograd to sum.
+    dW = z^T dF + sum_s S_s^T dY_s, each product summed in float32.
     """
 
     @staticmethod
-    def _scattered(c, idx, W, dtype):
-        """S: (B, d_sae) zeros with S[b, idx[b, j]] = c[b, j], in `dtype`."""
-        return c.new_zeros(c.shape[0], W.shape[0], dtype=dtype).scatter_(1, idx, c.to(dtype))
+    def _scattered(c, cols, d_sae):
+        """S: (B, d_sae) zeros with S[b, cols[b, j]] = c[b, j], in c's dtype."""
+        return c.new_zeros(c.shape[0], d_sae).scatter_(1, cols, c)
 
     @staticmethod
-    def forward(ctx, c, idx, W):  # type: ignore[override]
-        ctx.autocast = autocast_dtype(W.device.type)
-        ctx.save_for_backward(c, idx, W)
-        return DenseSegmentDecode._scattered(c, idx, W, ctx.autocast or c.dtype) @ W
+    def forward(ctx, z, W, idx, ranges, with_full):  # type: ignore[override]
+        ctx.autocast = autocast_dtype(z.device.type)
+        ctx.ranges, ctx.with_full, ctx.z_like = ranges, with_full, (z.shape, z.dtype)
+        dtype = ctx.autocast or z.dtype
+        idx = idx.long()
+        c = z.gather(1, idx).to(dtype)
+        Y = torch.stack([DenseSegments._scattered(c[:, a:b], idx[:, a:b], z.shape[1]) @ W for a, b in ranges], dim=1)
+        z_cast = z.to(dtype) if with_full else None
+        full = (z_cast @ W).to(z.dtype) if with_full else z.new_empty(0)
+        ctx.save_for_backward(z_cast, W, idx, c)
+        return full, Y
 
     @staticmethod
-    def backward(ctx, dY):  # type: ignore[override]
-        c, idx, W = ctx.saved_tensors
-        dc = dW = None
-        with torch.autocast(W.device.type, dtype=ctx.autocast or torch.bfloat16,
-                            enabled=ctx.autocast is not None):
-            if ctx.needs_input_grad[0]:
-                dc = (dY @ W.T).gather(1, idx).to(c.dtype)
-            if ctx.needs_input_grad[2]:
-                S = DenseSegmentDecode._scattered(c, idx, W, ctx.autocast or c.dtype)
-                dW = (S.T @ dY).to(W.dtype)
-        return dc, None, dW
+    def backward(ctx, d_full, dY):  # type: ignore[override]
+        z_cast, W, idx, c = ctx.saved_tensors
+        want_z, want_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        (B, d_sae), z_dtype = ctx.z_like
+        dz = dW = None
+        with torch.autocast(W.device.type, dtype=ctx.autocast or torch.bfloat16, enabled=ctx.autocast is not None):
+            if ctx.with_full and d_full is not None:
+                dz = (d_full @ W.T).to(z_dtype) if want_z else None
+                dW = (z_cast.T @ d_full).to(W.dtype) if want_W else None
+            if dY is not None:
+                dz = torch.zeros(B, d_sae, dtype=z_dtype, device=W.device) if want_z and dz is None else dz
+                dW = torch.zeros_like(W) if want_W and dW is None else dW
+                for s, (a, b) in enumerate(ctx.ranges):
+                    cols = idx[:, a:b]
+                    if want_z:
+                        dz.scatter_add_(1, cols, (dY[:, s] @ W.T).gather(1, cols).to(z_dtype))
+                    if want_W:
+                        dW += (DenseSegments._scattered(c[:, a:b], cols, d_sae).T @ dY[:, s]).to(W.dtype)
+        return dz, dW, None, None, None
 
 
 class GatheredSegments(torch.autograd.Function):
@@ -360,7 +387,6 @@ class GatheredSegments(torch.autograd.Function):
         z, W, flat, ends = ctx.saved_tensors
         idx = flat.view(z.shape[0], -1)
         dz = dW = None
-        want_z, want_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.with_full and d_full is not None:
             dz, dW = _full_level_grads(ctx, z, W, d_full)
         if dY is None:
@@ -534,24 +560,6 @@ def _flat_positions(idx: torch.Tensor, width: int) -> torch.Tensor:
     return (rows + idx.to(dtype)).reshape(-1)
 
 
-def _dense_operands(z: torch.Tensor, indices: torch.Tensor, ranges: list[tuple[int, int]]
-                    ) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
-    """(c, idx) of `DenseSegmentDecode` for each column range of the ranking, c = z at the range's
-    features: one gather over the ranges' span, split into them. A gather per range would give z
-    one gradient per range in backward, each a (B, d_sae) buffer of zeros with that range's entries,
-    summed by autograd one at a time; split from one gather, the ranges' gradients are joined at
-    (B, span) and scattered into one such buffer."""
-    if not ranges:
-        return {}
-    lo, hi = min(a for a, _ in ranges), max(b for _, b in ranges)
-    cuts = sorted({lo, hi, *(v for r in ranges for v in r)})
-    sizes = [b - a for a, b in zip(cuts[:-1], cuts[1:])]
-    idx = indices[:, lo:hi].long()
-    parts = zip(zip(cuts[:-1], cuts[1:]), z.gather(1, idx).split(sizes, dim=1), idx.split(sizes, dim=1))
-    found = {r: (c, i) for r, c, i in parts}
-    return {r: found[r] for r in ranges}
-
-
 #: rows per block of a wide gathered segment's backward GEMMs, and decoder rows per block of the
 #: narrow segments' dW: the transient buffers stay a fraction of one (B, d_sae) buffer
 _ROW_BLOCK = 256
@@ -602,13 +610,19 @@ def nested_topk_loss_fused(
     if segments:
         pieces: list[torch.Tensor] = []  # each range's decode, in order
         chain = None  # (levels, errors) when one gathered run is the whole chain of levels (`GatheredChain`)
-        dense = _dense_operands(z, sel.indices, [(lo, k) for lo, k in segments if k - lo >= dense_from])
+        dense = [(lo, k) for lo, k in segments if k - lo >= dense_from]
+        if dense:  # every dense segment in one call, which also does the full GEMM
+            lo = min(a for a, _ in dense)
+            with_full = need_full and not sel.full_gathered
+            full, Y = DenseSegments.apply(z, W_dec, sel.indices[:, lo:max(b for _, b in dense)],
+                                          [(a - lo, b - lo) for a, b in dense], with_full)
+            if with_full:
+                full_out = full + b_dec
+            dense_pieces = dict(zip(dense, Y.unbind(1)))
         j = 0
         while j < len(segments):
-            lo, k = segments[j]
-            if k - lo >= dense_from:
-                c, idx = dense[lo, k]
-                pieces.append(DenseSegmentDecode.apply(c, idx, W_dec.to(c.dtype)))
+            if segments[j] in dense:
+                pieces.append(dense_pieces[segments[j]])
                 j += 1
                 continue
             end = j  # the run of consecutive gathered ranges starting at j
