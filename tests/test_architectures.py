@@ -15,7 +15,6 @@ from msae_ext.architectures import (
     ReLUTrainingSAEConfig,
     TopKTrainingSAE,
     TopKTrainingSAEConfig,
-    nested_topk_loss_reference,
     resolve_alphas,
     resolve_k_list,
 )

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from msae_ext.architectures import cpu_kernels, nested_topk
+from msae_ext.architectures import cpu_kernels
 from msae_ext.architectures.nested_topk import GatheredChain, GatheredSegments, rank_segments
 
 

@@ -93,7 +93,7 @@ def test_training_step_keeps_unit_decoder_and_is_reproducible(tmp_path, embeddin
     train_path, eval_path, _ = embeddings
     c = cfg(train_path, eval_path, architecture=arch, epochs=1, soft_cap=5.0 if arch == "msae" else None)
     a = train(c, tmp_path / "a", progress=False)
-    b = train(c, tmp_path / "b", progress=False)
+    train(c, tmp_path / "b", progress=False)
     wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # same seed, same weights
     norms = wa["W_dec"].norm(dim=1)
