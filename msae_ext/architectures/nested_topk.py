@@ -321,9 +321,10 @@ class DenseSegments(torch.autograd.Function):
         want_z, want_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         (B, d_sae), z_dtype = ctx.z_like
         dz = dW = None
+        W_cast = W.to(ctx.autocast or W.dtype)  # once, not once a GEMM (autocast caches no cast of W.T)
         with torch.autocast(W.device.type, dtype=ctx.autocast or torch.bfloat16, enabled=ctx.autocast is not None):
             if ctx.with_full and d_full is not None:
-                dz = (d_full @ W.T).to(z_dtype) if want_z else None
+                dz = (d_full @ W_cast.T).to(z_dtype) if want_z else None
                 dW = (z_cast.T @ d_full).to(W.dtype) if want_W else None
             if dY is not None:
                 dz = torch.zeros(B, d_sae, dtype=z_dtype, device=W.device) if want_z and dz is None else dz
@@ -331,7 +332,7 @@ class DenseSegments(torch.autograd.Function):
                 for s, (a, b) in enumerate(ctx.ranges):
                     cols = idx[:, a:b]
                     if want_z:
-                        dz.scatter_add_(1, cols, (dY[:, s] @ W.T).gather(1, cols).to(z_dtype))
+                        dz.scatter_add_(1, cols, (dY[:, s] @ W_cast.T).gather(1, cols).to(z_dtype))
                     if want_W:
                         dW += (DenseSegments._scattered(c[:, a:b], cols, d_sae).T @ dY[:, s]).to(W.dtype)
         return dz, dW, None, None, None
