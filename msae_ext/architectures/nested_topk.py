@@ -282,59 +282,59 @@ class DenseSegments(torch.autograd.Function):
 
     idx is (B, w), the ranking's columns of a span, and `ranges` the segments' column ranges in it
     (with gaps where other pieces are gathered); features are unique within a row. The GEMMs
-    follow the caller's autocast, in forward and in backward, and run on operands cast once: the
-    span's activations c (B, w) are gathered and cast in forward and kept, and so is z's cast for
-    the full level (autograd keeps the same cast for a plain `z @ W`). Each S_s is a (B, d_sae)
-    buffer scattered from c in the GEMMs' dtype (a value rounded before it is placed among exact
-    zeros is the value a cast of the float32 buffer gives: half the bytes, no cast pass), in
-    forward and again in backward, one at a time, so no (B, d_sae) buffer of a segment is kept
-    between them. Entries past a row's positives have z = 0: they add nothing, and their gradient
-    is stopped by the ReLU that made z.
+    follow the caller's autocast, in forward and in backward. Each S_s is a (B, d_sae) buffer
+    scattered in the GEMMs' dtype (a value rounded before it is placed among exact zeros is the
+    value a cast of the float32 buffer gives: half the bytes, no cast pass), in forward and again
+    in backward, one at a time. Kept for backward: z (which the ReLU keeps anyway), z's cast for
+    the full level's GEMM (which autograd keeps for a plain `z @ W` too), W and the int32 indices
+    (a view of the ranking), so that no (B, d_sae)-sized tensor of a segment's is kept between
+    forward and backward. Entries past a row's positives have z = 0: they add nothing, and their
+    gradient is stopped by the ReLU that made z.
 
     backward: dz = dF W^T (or zeros) is the one (B, d_sae) gradient of z; each segment's
     activation gradient, dY_s W^T at its entries, is added into it in place, rather than each
-    segment giving z a (B, d_sae) gradient of its own for autograd to sum.
-    dW = z^T dF + sum_s S_s^T dY_s, each product summed in float32.
+    segment giving z a (B, d_sae) gradient of its own for autograd to sum. The decoder is cast to
+    the autocast dtype once. dW = z^T dF + sum_s S_s^T dY_s, each product summed in float32.
     """
 
     @staticmethod
-    def _scattered(c, cols, d_sae):
-        """S: (B, d_sae) zeros with S[b, cols[b, j]] = c[b, j], in c's dtype."""
-        return c.new_zeros(c.shape[0], d_sae).scatter_(1, cols, c)
+    def _scattered(z, z_cast, cols, dtype):
+        """S: (B, d_sae) zeros with S[b, f] = z[b, f] at the features cols[b], in `dtype` (gathered
+        from z's cast where there is one, which holds the same values)."""
+        c = z_cast.gather(1, cols) if z_cast is not None else z.gather(1, cols).to(dtype)
+        return c.new_zeros(z.shape).scatter_(1, cols, c)
 
     @staticmethod
     def forward(ctx, z, W, idx, ranges, with_full):  # type: ignore[override]
         ctx.autocast = autocast_dtype(z.device.type)
-        ctx.ranges, ctx.with_full, ctx.z_like = ranges, with_full, (z.shape, z.dtype)
+        ctx.ranges, ctx.with_full = ranges, with_full
         dtype = ctx.autocast or z.dtype
-        idx = idx.long()
-        c = z.gather(1, idx).to(dtype)
-        Y = torch.stack([DenseSegments._scattered(c[:, a:b], idx[:, a:b], z.shape[1]) @ W for a, b in ranges], dim=1)
         z_cast = z.to(dtype) if with_full else None
+        Y = torch.stack([DenseSegments._scattered(z, z_cast, idx[:, a:b].long(), dtype) @ W for a, b in ranges], 1)
         full = (z_cast @ W).to(z.dtype) if with_full else z.new_empty(0)
-        ctx.save_for_backward(z_cast, W, idx, c)
+        ctx.save_for_backward(z, z_cast, W, idx)
         return full, Y
 
     @staticmethod
     def backward(ctx, d_full, dY):  # type: ignore[override]
-        z_cast, W, idx, c = ctx.saved_tensors
+        z, z_cast, W, idx = ctx.saved_tensors
         want_z, want_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        (B, d_sae), z_dtype = ctx.z_like
+        dtype = ctx.autocast or z.dtype
         dz = dW = None
-        W_cast = W.to(ctx.autocast or W.dtype)  # once, not once a GEMM (autocast caches no cast of W.T)
+        W_cast = W.to(dtype)  # once, not once a GEMM (autocast caches no cast of W.T)
         with torch.autocast(W.device.type, dtype=ctx.autocast or torch.bfloat16, enabled=ctx.autocast is not None):
             if ctx.with_full and d_full is not None:
-                dz = (d_full @ W_cast.T).to(z_dtype) if want_z else None
+                dz = (d_full @ W_cast.T).to(z.dtype) if want_z else None
                 dW = (z_cast.T @ d_full).to(W.dtype) if want_W else None
             if dY is not None:
-                dz = torch.zeros(B, d_sae, dtype=z_dtype, device=W.device) if want_z and dz is None else dz
+                dz = torch.zeros_like(z) if want_z and dz is None else dz
                 dW = torch.zeros_like(W) if want_W and dW is None else dW
                 for s, (a, b) in enumerate(ctx.ranges):
-                    cols = idx[:, a:b]
+                    cols = idx[:, a:b].long()
                     if want_z:
-                        dz.scatter_add_(1, cols, (dY[:, s] @ W_cast.T).gather(1, cols).to(z_dtype))
+                        dz.scatter_add_(1, cols, (dY[:, s] @ W_cast.T).gather(1, cols).to(z.dtype))
                     if want_W:
-                        dW += (DenseSegments._scattered(c[:, a:b], cols, d_sae).T @ dY[:, s]).to(W.dtype)
+                        dW += (DenseSegments._scattered(z, z_cast, cols, dtype).T @ dY[:, s]).to(W.dtype)
         return dz, dW, None, None, None
 
 
