@@ -112,8 +112,9 @@ def test_traffic_mode_counts_hand_computed_bytes():
 
 def test_profile_step_traffic_counts_a_steps_gemms(capsys, monkeypatch):
     """--traffic over one step of the GPU's code path: sae-lens TopK's six GEMMs, and the fused
-    MSAE's, with every rank segment dense, two for the encoder and three for each dense segment and
-    the full level, and one (1, d_sae) x (d_sae, d_in) product for b_dec's gradient
+    MSAE's, with every rank segment dense, two for the encoder, three for the full level and for
+    each dense segment (its backward two by blocks of rows), and one (1, d_sae) x (d_sae, d_in)
+    product for b_dec's gradient
     (`CenteredEncode`); the compiled kernels are off only while it runs."""
     from msae_ext.architectures import nested_topk
 
@@ -126,11 +127,13 @@ def test_profile_step_traffic_counts_a_steps_gemms(capsys, monkeypatch):
                      "--top", "60", "--dense-fraction", "0"])
         out = capsys.readouterr().out
         rows = _rows(out)
-        gemms[method] = sum(rows[name][0] for name in ("mm", "addmm") if name in rows)
+        gemms[method] = sum(rows[name][0] for name in ("mm", "addmm", "addmm_") if name in rows)
         total = float(re.search(r"total ([\d.]+) buffers", out).group(1))
         assert total > 0 and "CPU segment kernels off" in out
     assert cpu_kernels.ENV not in os.environ  # restored
     assert gemms["topk_k64"] == 6
     # 256 latents, k-list 64, 128, 256 (k_min 64): at 0.5 active the levels 64 and 128 are partial,
-    # two dense rank segments, and the full level is the GEMM
-    assert gemms["msae_fused"] == 2 + 3 * 2 + 3 + 1
+    # two dense rank segments, and the full level is the GEMM; in float32 a dense segment's two
+    # backward GEMMs go by blocks of rows
+    blocks = nested_topk.DENSE_BACKWARD_BLOCKS
+    assert gemms["msae_fused"] == 2 + 2 * (1 + 2 * blocks) + 3 + 1

@@ -274,6 +274,14 @@ def dense_decode_fraction(device_type: str) -> float:
     return DENSE_DECODE_FRACTION[key]
 
 
+#: without autocast, `DenseSegments`' backward takes each segment's GEMMs in this many blocks of
+#: rows, so that the (rows, d_sae) float32 product and rebuilt buffer next to z's gradient take a
+#: fraction of one (B, d_sae) buffer (the step's peak is there; the decoder gradient accumulates in
+#: the GEMMs, `addmm_`). Under autocast those transients are half as large in bf16, and blocks would
+#: add a cast and an addition of a decoder-sized product each: one block.
+DENSE_BACKWARD_BLOCKS = 4
+
+
 class DenseSegments(torch.autograd.Function):
     """The full level's decode and rank segments' decodes by GEMMs, from the dense z:
 
@@ -295,6 +303,7 @@ class DenseSegments(torch.autograd.Function):
     activation gradient, dY_s W^T at its entries, is added into it in place, rather than each
     segment giving z a (B, d_sae) gradient of its own for autograd to sum. The decoder is cast to
     the autocast dtype once. dW = z^T dF + sum_s S_s^T dY_s, each product summed in float32.
+    Without autocast a segment's GEMMs go by blocks of rows (DENSE_BACKWARD_BLOCKS).
     """
 
     @staticmethod
@@ -329,12 +338,21 @@ class DenseSegments(torch.autograd.Function):
             if dY is not None:
                 dz = torch.zeros_like(z) if want_z and dz is None else dz
                 dW = torch.zeros_like(W) if want_W and dW is None else dW
+                blocks = DENSE_BACKWARD_BLOCKS if ctx.autocast is None else 1
+                step = max(1, -(-z.shape[0] // blocks))
                 for s, (a, b) in enumerate(ctx.ranges):
-                    cols = idx[:, a:b].long()
-                    if want_z:
-                        dz.scatter_add_(1, cols, (dY[:, s] @ W_cast.T).gather(1, cols).to(z.dtype))
-                    if want_W:
-                        dW += (DenseSegments._scattered(z, z_cast, cols, dtype).T @ dY[:, s]).to(W.dtype)
+                    for r in range(0, z.shape[0], step):  # the (rows, d_sae) transients a fraction of dz
+                        rows = slice(r, r + step)
+                        cols, g = idx[rows, a:b].long(), dY[rows, s]
+                        if want_z:
+                            dz[rows].scatter_add_(1, cols, (g @ W_cast.T).gather(1, cols).to(z.dtype))
+                        if want_W:
+                            S = DenseSegments._scattered(z[rows], None if z_cast is None else z_cast[rows], cols, dtype)
+                            if ctx.autocast is None:
+                                dW.addmm_(S.T, g)  # accumulated by the GEMM itself
+                            else:
+                                dW += (S.T @ g).to(W.dtype)
+                            del S  # not alive next to the next block's product
         return dz, dW, None, None, None
 
 
