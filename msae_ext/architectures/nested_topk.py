@@ -43,14 +43,16 @@ GEMMs) per level. It is the oracle of the tests.
     the level gradients from the levels where they read them: no (B, S, d_in) tensor of the
     segments nor of their gradients, and no (B, d_in) op per level.
   * Segments at least DENSE_DECODE_FRACTION of d_sae wide (on a GPU) are decoded by
-    `DenseSegments` instead: a scatter into one (B, d_sae) buffer and GEMMs (tensor cores beat
-    gathers there); the buffer is rebuilt in backward rather than kept.
+    `DenseSegments` instead, all of them and the full level in one function: a scatter into a
+    (B, d_sae) buffer and GEMMs for each (tensor cores beat gathers there); the buffer is rebuilt
+    in backward rather than kept, and z gets one gradient.
 Extra memory: the (B, K) int32 ranking, kept for backward, one (B, d_in) reconstruction per
 level, and transients: (kernels) a (512, K) float32 buffer and the levels' squared errors per
 column chunk (d_in / 32 x B x levels floats) in forward, the entries of 1024 rows
 grouped by feature (8 bytes an entry) in backward, and a chunk-major copy of the decoder,
 (PyTorch path) feature-sorted index arrays and blocked GEMM slices, (dense segments) one
-(B, d_sae) buffer. With the kernels, the ranking, the levels and the activation gradient take
+(B, d_sae) buffer at a time in forward, and in backward a product and a rebuilt buffer of a block
+of rows (`DENSE_BACKWARD_BLOCKS`) next to z's gradient. With the kernels, the ranking, the levels and the activation gradient take
 reused memory (`buffers`), as do the pre-activations and the ReLU upstream.
 """
 
