@@ -52,8 +52,9 @@ column chunk (d_in / 32 x B x levels floats) in forward, the entries of 1024 row
 grouped by feature (8 bytes an entry) in backward, and a chunk-major copy of the decoder,
 (PyTorch path) feature-sorted index arrays and blocked GEMM slices, (dense segments) one
 (B, d_sae) buffer at a time in forward, and in backward a product and a rebuilt buffer of a block
-of rows (`DENSE_BACKWARD_BLOCKS`) next to z's gradient. With the kernels, the ranking, the levels and the activation gradient take
-reused memory (`buffers`), as do the pre-activations and the ReLU upstream.
+of rows (`DENSE_BACKWARD_BLOCKS`) next to z's gradient. With the kernels, the ranking, the levels
+and the activation gradient take reused memory (`buffers`), as do the pre-activations and the
+ReLU upstream.
 """
 
 from __future__ import annotations
