@@ -39,6 +39,7 @@ import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -245,16 +246,11 @@ def main(argv: list[str] | None = None) -> None:
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         sys.exit("--device cuda, but torch sees no CUDA device here")
-    if args.traffic:  # the PyTorch path, every op an aten op
-        previous = os.environ.get("MSAE_CPU_KERNELS")
-        os.environ["MSAE_CPU_KERNELS"] = "0"
-        try:
+    if args.traffic:  # the PyTorch path, every op an aten op; the environment restored after
+        from msae_ext.architectures import cpu_kernels
+
+        with mock.patch.dict(os.environ, {cpu_kernels.ENV: "0"}):
             return traffic(args)
-        finally:
-            if previous is None:
-                del os.environ["MSAE_CPU_KERNELS"]
-            else:
-                os.environ["MSAE_CPU_KERNELS"] = previous
     step, active = train_step.prepare(args)
 
     def sync() -> None:

@@ -334,10 +334,9 @@ class DenseSegments(torch.autograd.Function):
         dtype = ctx.autocast or z.dtype
         dz = dW = None
         W_cast = W.to(dtype)  # once, not once a GEMM (autocast caches no cast of W.T)
+        if ctx.with_full and d_full is not None:
+            dz, dW = _full_level_grads(ctx, z, W, d_full, z_cast, W_cast)
         with torch.autocast(W.device.type, dtype=ctx.autocast or torch.bfloat16, enabled=ctx.autocast is not None):
-            if ctx.with_full and d_full is not None:
-                dz = (d_full @ W_cast.T).to(z.dtype) if want_z else None
-                dW = (z_cast.T @ d_full).to(W.dtype) if want_W else None
             if dY is not None:
                 dz = torch.zeros_like(z) if want_z and dz is None else dz
                 dW = torch.zeros_like(W) if want_W and dW is None else dW
@@ -473,13 +472,18 @@ class GatheredSegments(torch.autograd.Function):
         return dz, dW
 
 
-def _full_level_grads(ctx, z: torch.Tensor, W: torch.Tensor, d_full: torch.Tensor
+def _full_level_grads(ctx, z: torch.Tensor, W: torch.Tensor, d_full: torch.Tensor,
+                      z_cast: torch.Tensor | None = None, W_cast: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The full level's GEMM gradients dz = d_full W^T and dW = z^T d_full (those asked for), under
-    the autocast the forward GEMM ran with: the (B, d_sae) buffer the segments' terms are added to."""
+    """The full level's GEMM gradients dz = d_full W^T and dW = z^T d_full (those asked for, in z's
+    and W's dtypes), under the autocast the forward GEMM ran with: the (B, d_sae) buffer the
+    segments' terms are added to. `z_cast` and `W_cast`, where given, are z and W already cast to
+    the autocast dtype, so that the GEMMs do not cast them again."""
+    z_op = z if z_cast is None else z_cast
+    W_op = W if W_cast is None else W_cast
     with torch.autocast(z.device.type, dtype=ctx.autocast or torch.bfloat16, enabled=ctx.autocast is not None):
-        dz = (d_full @ W.T).to(z.dtype) if ctx.needs_input_grad[0] else None
-        dW = (z.T @ d_full).to(W.dtype) if ctx.needs_input_grad[1] else None
+        dz = (d_full @ W_op.T).to(z.dtype) if ctx.needs_input_grad[0] else None
+        dW = (z_op.T @ d_full).to(W.dtype) if ctx.needs_input_grad[1] else None
     return dz, dW
 
 
