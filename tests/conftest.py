@@ -8,18 +8,6 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import msae_ext  # noqa: E402,F401  (registers the architectures)
-from msae_ext.architectures import buffers  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def pooled_buffers(monkeypatch):
-    """Every test runs with the CPU buffer pool on for tensors of any size (in use it takes only
-    tensors of MIN_BYTES and more, which the tests' small shapes never reach), so that a reuse of
-    memory still referenced would show as a wrong result anywhere; each test starts with an empty pool."""
-    buffers.release()
-    monkeypatch.setattr(buffers, "MIN_BYTES", 0)
-    yield
-    buffers.release()
 
 
 @pytest.fixture

@@ -56,7 +56,7 @@ def make(arch_cls, cfg_cls, **kw):
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_paper_initialisation(name):
-    _, _, sae_cls, cfg_cls = ARCHITECTURES[name]
+    sae_cls, cfg_cls = ARCHITECTURES[name].training_sae, ARCHITECTURES[name].training_config
     sae = make(sae_cls, cfg_cls, **({"k": 4} if name in ("topk", "batchtopk") else {}))
     norms = sae.W_dec.norm(dim=-1)
     torch.testing.assert_close(norms, torch.full_like(norms, 0.1))
@@ -66,9 +66,9 @@ def test_paper_initialisation(name):
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_encoder_gradients_equal_plain_autograd(name):
-    """hidden_pre gives b_dec its gradient from the batch sum (CenteredEncode); every parameter's
-    gradient of a full training loss equals autograd's through (x - b_dec) @ W_enc + b_enc."""
-    _, _, sae_cls, cfg_cls = ARCHITECTURES[name]
+    """hidden_pre gives b_dec its gradient through the vector -b_dec W_enc (one vector-matrix product);
+    every parameter's gradient of a full training loss equals autograd's through (x - b_dec) @ W_enc + b_enc."""
+    sae_cls, cfg_cls = ARCHITECTURES[name].training_sae, ARCHITECTURES[name].training_config
     sae = make(sae_cls, cfg_cls, dtype="float64", **({"k": 4} if name in ("topk", "batchtopk") else {}))
     with torch.no_grad():
         for p in sae.parameters():
@@ -168,22 +168,22 @@ def test_msae_loss_matches_naive_math(kw):
 
 
 def test_msae_levels_are_nested_and_last_is_relu():
-    from msae_ext.architectures.msae import nested_level_activations
+    """The reference's level activations from the shared selection: nested supports, each level's
+    top-k (or every positive entry, with fewer), the last level the ReLU."""
+    from msae_ext.architectures.nested_topk import select
 
     pre = torch.randn(5, 32)
-    levels = nested_level_activations(pre, [2, 4, 8, 32], None)
+    pre[0, :30] = -1.0  # two positives: every level of row 0 keeps just those
+    k_list = [2, 4, 8, 32]
+    sel = select(pre, k_list)
+    levels = [torch.zeros_like(pre).scatter(1, sel.indices[:, :k], pre.gather(1, sel.indices[:, :k]).relu())
+              if k in sel.partial else pre.relu() for k in k_list]
     for small, big in zip(levels, levels[1:]):
         assert torch.all((small != 0) <= (big != 0))  # support of z_i inside support of z_{i+1}
-    torch.testing.assert_close(levels[-1], pre.relu())
-    assert all(int((z != 0).sum(-1).max()) <= k for z, k in zip(levels[:-1], [2, 4, 8]))
-
-
-def test_fewer_positive_than_k_keeps_only_positive():
-    pre = torch.tensor([[3.0, -1.0, 2.0, -5.0, -0.5, -2.0]])
-    from msae_ext.architectures.msae import nested_level_activations
-
-    z = nested_level_activations(pre, [4, 6], None)[0]
-    assert torch.equal(z, torch.tensor([[3.0, 0, 2.0, 0, 0, 0]]))
+    for z, k in zip(levels, k_list):
+        expected = torch.stack([torch.zeros(32).scatter(0, row.topk(k).indices, row.topk(k).values.relu()) for row in pre])
+        torch.testing.assert_close(z, expected)
+    assert torch.equal(levels[0][0], pre[0].relu())
 
 
 def test_soft_cap_bounds_and_identity():
@@ -224,7 +224,7 @@ def test_topk_and_batchtopk_training_activations():
 def test_save_load_round_trip_bit_for_bit(tmp_path, name):
     from sae_lens import SAE
 
-    _, _, sae_cls, cfg_cls = ARCHITECTURES[name]
+    sae_cls, cfg_cls = ARCHITECTURES[name].training_sae, ARCHITECTURES[name].training_config
     kw = {"k": 4} if name in ("topk", "batchtopk") else {}
     sae = make(sae_cls, cfg_cls, soft_cap=3.0, **kw)
     with torch.no_grad():
@@ -233,7 +233,7 @@ def test_save_load_round_trip_bit_for_bit(tmp_path, name):
     sae.cfg.metadata.note = "kept"
     sae.save_inference_model(tmp_path)
     loaded = SAE.load_from_disk(tmp_path)
-    assert loaded.cfg.architecture() == ARCHITECTURES[name][0]
+    assert loaded.cfg.architecture() == ARCHITECTURES[name].sae_lens_name
     assert loaded.cfg.soft_cap == 3.0 and loaded.cfg.metadata.note == "kept"
     for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
         assert torch.equal(getattr(loaded, key), getattr(sae, key))

@@ -1,14 +1,15 @@
 """The paper's SAE family, one file per architecture, registered with sae-lens.
 
-Registered names (sae-lens `architecture` in cfg.json):
-    msae            Matryoshka SAE, per-sample nested TopK (this paper)
-    msae_relu       ReLU + the paper's L1 penalty
-    msae_topk       TopK
-    msae_batchtopk  BatchTopK
-The runner's short names map onto them: msae, relu, topk, batchtopk.
+Each architecture is one `Architecture` entry below: its runner name (the `architecture:` key of a
+run config), its sae-lens name (`architecture` in cfg.json), its classes and the paper's learning
+rate. Its options are the fields its training config declares (k, k_list, weighting, ...): a run
+config's other keys (`msae_ext.config`). Adding an architecture means adding its file and an entry.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
 
 from sae_lens.registry import (
     SAE_CLASS_REGISTRY,
@@ -16,50 +17,67 @@ from sae_lens.registry import (
     register_sae_class,
     register_sae_training_class,
 )
+from sae_lens.saes.sae import TrainingSAEConfig
 
 from .base import PaperSAE, PaperSAEConfig, PaperTrainingSAE, PaperTrainingSAEConfig, soft_cap
 from .batchtopk import BatchTopKSAEConfig, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
-from .msae import (
-    MSAEConfig,
-    MSAETrainingSAE,
-    MSAETrainingSAEConfig,
-    nested_topk_loss_reference,
-    resolve_alphas,
-    resolve_k_list,
-)
+from .msae import MSAEConfig, MSAETrainingSAE, MSAETrainingSAEConfig, resolve_alphas, resolve_k_list
+from .nested_topk import nested_topk_loss, nested_topk_loss_reference
 from .relu import ReLUSAEConfig, ReLUTrainingSAE, ReLUTrainingSAEConfig
 from .topk import TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 
-#: runner name -> (sae-lens architecture, inference config, training SAE, training config)
-ARCHITECTURES = {
-    "msae": ("msae", MSAEConfig, MSAETrainingSAE, MSAETrainingSAEConfig),
-    "relu": ("msae_relu", ReLUSAEConfig, ReLUTrainingSAE, ReLUTrainingSAEConfig),
-    "topk": ("msae_topk", TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig),
-    "batchtopk": ("msae_batchtopk", BatchTopKSAEConfig, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig),
-}
+#: training-config fields that are not options of a run: sae-lens's own (set by the runner) and
+#: the inference protocol's (set at evaluation)
+_NOT_OPTIONS = {f.name for f in fields(TrainingSAEConfig)} | {"inference_k", "inference_threshold"}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str  # the runner's name: `architecture: msae`
+    sae_lens_name: str  # `architecture` in cfg.json
+    inference_config: type[PaperSAEConfig]
+    training_sae: type[PaperTrainingSAE]
+    training_config: type[PaperTrainingSAEConfig]
+    lr: float  # the paper's learning rate (paper-recipe, Optimisation)
+
+    def options(self) -> dict[str, Any]:
+        """The architecture's run options and their defaults."""
+        out = {}
+        for f in fields(self.training_config):
+            if f.name not in _NOT_OPTIONS:
+                out[f.name] = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        return out
+
+
+ARCHITECTURES = {a.name: a for a in (
+    Architecture("msae", "msae", MSAEConfig, MSAETrainingSAE, MSAETrainingSAEConfig, 1e-4),
+    Architecture("relu", "msae_relu", ReLUSAEConfig, ReLUTrainingSAE, ReLUTrainingSAEConfig, 5e-5),
+    Architecture("topk", "msae_topk", TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig, 5e-4),
+    Architecture("batchtopk", "msae_batchtopk", BatchTopKSAEConfig, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, 5e-4),
+)}
+
+
+def architecture(name: str) -> Architecture:
+    """The registry entry of a runner name, or a clear error."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
 
 
 def register_all() -> None:
     """Register every architecture with sae-lens; safe to call more than once."""
-    for name, inference_cfg, training_sae, training_cfg in ARCHITECTURES.values():
-        if name not in SAE_CLASS_REGISTRY:
-            register_sae_class(name, PaperSAE, inference_cfg)
-        if name not in SAE_TRAINING_CLASS_REGISTRY:
-            register_sae_training_class(name, training_sae, training_cfg)
+    for a in ARCHITECTURES.values():
+        if a.sae_lens_name not in SAE_CLASS_REGISTRY:
+            register_sae_class(a.sae_lens_name, PaperSAE, a.inference_config)
+        if a.sae_lens_name not in SAE_TRAINING_CLASS_REGISTRY:
+            register_sae_training_class(a.sae_lens_name, a.training_sae, a.training_config)
 
 
-def training_classes(architecture: str):
-    """(training SAE class, training config class) for a runner name such as 'msae' or 'topk'."""
-    if architecture not in ARCHITECTURES:
-        raise ValueError(
-            f"unknown architecture {architecture!r}; expected one of {sorted(ARCHITECTURES)}"
-        )
-    _, _, sae_cls, cfg_cls = ARCHITECTURES[architecture]
-    return sae_cls, cfg_cls
-
+register_all()
 
 __all__ = [
     "ARCHITECTURES",
+    "Architecture",
     "BatchTopKSAEConfig",
     "BatchTopKTrainingSAE",
     "BatchTopKTrainingSAEConfig",
@@ -76,10 +94,11 @@ __all__ = [
     "TopKSAEConfig",
     "TopKTrainingSAE",
     "TopKTrainingSAEConfig",
+    "architecture",
+    "nested_topk_loss",
     "nested_topk_loss_reference",
     "register_all",
     "resolve_alphas",
     "resolve_k_list",
     "soft_cap",
-    "training_classes",
 ]

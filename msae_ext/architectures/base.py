@@ -29,60 +29,24 @@ from sae_lens.saes.sae import (
     TrainStepOutput,
 )
 
-from . import buffers
-
 Protocol = Literal["paper", "native"]
+RECON_LOSSES = ("mse", "nmse")
 
 
 def soft_cap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
-    """Appendix D, eq. 4: z -> c * tanh(z / c). Bounds ReLU activations to [0, c)."""
-    if cap is None:
-        return z
-    return cap * torch.tanh(z / cap)
+    """Appendix D, eq. 4: z -> c tanh(z / c). Bounds ReLU activations to [0, c)."""
+    return z if cap is None else cap * torch.tanh(z / cap)
 
 
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast casts matrix products to on this device type, or None when it is off."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
-class CenteredEncode(torch.autograd.Function):
-    """pre = xc W_enc + b_enc, where the caller computed xc = x - b_dec and x needs no gradient.
-
-    Autograd would give b_dec its gradient through xc: a (B, d_in) GEMM dpre W_enc^T, summed over
-    the batch afterwards (a sixth GEMM in a step that needs five). Summing first is the same math:
-        d b_dec = -(sum_b dpre_b) W_enc^T,   d W_enc = xc^T dpre,   d b_enc = sum_b dpre_b
-    one vector-matrix product instead of the GEMM. The forward is the caller's expression; without
-    autocast it is one addmm (the bias added inside the GEMM, not in a second (B, d_sae) pass).
-    The GEMMs follow the caller's autocast, in forward and in backward.
-    """
-
-    @staticmethod
-    def forward(ctx, xc, b_dec, W_enc, b_enc):  # type: ignore[override]
-        ctx.autocast = autocast_dtype(xc.device.type)
-        ctx.save_for_backward(xc, W_enc)
-        if ctx.autocast is None:  # on CPU into reused memory (`buffers`): no page faults a step
-            out = buffers.empty((xc.shape[0], W_enc.shape[1]), torch.result_type(xc, W_enc), xc.device)
-            return torch.addmm(b_enc, xc, W_enc, out=out)
-        return xc @ W_enc + b_enc  # a bf16 GEMM, the bias added in float32
-
-    @staticmethod
-    def backward(ctx, d_pre):  # type: ignore[override]
-        xc, W_enc = ctx.saved_tensors
-        acc = torch.promote_types(d_pre.dtype, torch.float32)  # the sums stay at least float32
-        d_sum = d_pre.sum(0, dtype=acc)
-        d_b_dec = d_W_enc = d_b_enc = None
-        if ctx.needs_input_grad[1]:
-            d_b_dec = -(d_sum @ W_enc.to(acc).T).to(W_enc.dtype)
-        if ctx.needs_input_grad[2]:
-            with torch.autocast(xc.device.type, dtype=ctx.autocast or torch.bfloat16,
-                                enabled=ctx.autocast is not None):
-                d_W_enc = (xc.T @ d_pre).to(W_enc.dtype)
-        if ctx.needs_input_grad[3]:
-            d_b_enc = d_sum.to(W_enc.dtype)
-        return None, d_b_dec, d_W_enc, d_b_enc
+def reconstruction_loss(x_hat: torch.Tensor, x: torch.Tensor, kind: Literal["mse", "nmse"]) -> torch.Tensor:
+    """Batch mean of the per-sample error: ||x - x_hat||^2 (mse, the paper's L(x), section 3.1), or
+    that divided by ||x||^2 (nmse, the normalised MSE the authors' code defaults to)."""
+    err = (x_hat - x).pow(2).sum(dim=-1)
+    if kind == "nmse":
+        err = err / x.pow(2).sum(dim=-1).clamp_min(1e-12)
+    elif kind != "mse":
+        raise ValueError(f"unknown recon_loss {kind!r}; expected one of {RECON_LOSSES}")
+    return err.mean()
 
 
 def topk_relu(hidden_pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -91,28 +55,6 @@ def topk_relu(hidden_pre: torch.Tensor, k: int) -> torch.Tensor:
         return hidden_pre.relu()
     values, indices = hidden_pre.topk(k, dim=-1)
     return torch.zeros_like(hidden_pre).scatter(-1, indices, values.relu())
-
-
-def reconstruction_loss(
-    x_hat: torch.Tensor, x: torch.Tensor, kind: Literal["mse", "nmse"]
-) -> torch.Tensor:
-    """Batch mean of the per-sample reconstruction error.
-
-    mse:  ||x - x_hat||^2 (the paper's L(x), section 3.1).
-    nmse: ||x - x_hat||^2 / ||x||^2, the per-sample normalised MSE the authors' code defaults to.
-    """
-    return batch_mean_error((x_hat - x).pow(2).sum(dim=-1), x, kind)
-
-
-def batch_mean_error(err: torch.Tensor, x: torch.Tensor, kind: Literal["mse", "nmse"]) -> torch.Tensor:
-    """`reconstruction_loss` from the per-sample squared errors `err`, (B,) or (B, levels): the
-    mean over samples (a scalar, or one per level)."""
-    if kind == "mse":
-        return err.mean(dim=0)
-    if kind == "nmse":
-        norm = x.pow(2).sum(dim=-1).clamp_min(1e-12)
-        return (err / norm.view(-1, *[1] * (err.dim() - 1))).mean(dim=0)
-    raise ValueError(f"unknown recon_loss {kind!r}; expected 'mse' or 'nmse'")
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,14 +187,15 @@ class PaperTrainingSAE(TrainingSAE[PaperTrainingSAEConfig]):
         return {}
 
     def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
-        """W_enc (x - b_dec) + b_enc; in training, b_dec's gradient through the encoder comes from
-        the batch sum of the pre-activation gradient (`CenteredEncode`: one GEMM fewer a step).
-        That path gives x, and anything a hook on the SAE input did to it, no gradient, so it is
-        taken only when x needs none."""
-        sae_in = self.process_sae_in(x)  # x - b_dec, after sae-lens's input hooks and normalisation
-        if (torch.is_grad_enabled() and self.cfg.apply_b_dec_to_input and not x.requires_grad
-                and sae_in.requires_grad):
-            pre = CenteredEncode.apply(sae_in.detach(), self.b_dec, self.W_enc, self.b_enc)
+        """W_enc (x - b_dec) + b_enc, after sae-lens's input hooks.
+
+        In training, b_dec enters as the vector -b_dec W_enc: its gradient is then -(sum_b dpre) W_enc^T,
+        a vector-matrix product, where autograd through (x - b_dec) W_enc would run a (batch, d_sae) by
+        (d_sae, d_in) GEMM, a sixth in a step that needs five. The added term is exactly zero; x gets
+        no gradient that way, so it is taken only when x needs none."""
+        sae_in = self.process_sae_in(x)  # x - b_dec
+        if torch.is_grad_enabled() and self.cfg.apply_b_dec_to_input and not x.requires_grad:
+            pre = sae_in.detach() @ self.W_enc + self.b_enc + (self.b_dec.detach() - self.b_dec) @ self.W_enc
         else:
             pre = sae_in @ self.W_enc + self.b_enc
         return self.hook_sae_acts_pre(pre)

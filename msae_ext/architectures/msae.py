@@ -8,8 +8,8 @@ level is d_sae itself, where TopK is the identity and z_h = ReLU(pre) is exactly
 activation. This is the paper's per-sample nested k, not sae-lens's `matryoshka_batchtopk`
 (Bussmann et al.: fixed latent-prefix groups with a global batch top-k).
 
-The loss itself lives in `nested_topk.py`: the fused one-decode implementation used for training
-and the plain per-level reference it is tested against (`nested_impl` picks one).
+The loss itself lives in `nested_topk.py`: the form training uses (one top-k, one GEMM for the
+full level) and the per-level reference it is tested against (`nested_impl` picks one).
 """
 
 from __future__ import annotations
@@ -22,13 +22,8 @@ from typing_extensions import override
 
 from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
 
-from . import buffers
-from .base import PaperSAEConfig, PaperTrainingSAE, PaperTrainingSAEConfig, soft_cap
-from .nested_topk import (  # noqa: F401  (re-exported)
-    nested_level_activations,
-    nested_topk_loss_fused,
-    nested_topk_loss_reference,
-)
+from .base import PaperSAEConfig, PaperTrainingSAE, PaperTrainingSAEConfig
+from .nested_topk import nested_topk_loss, nested_topk_loss_reference, select
 
 
 def resolve_k_list(d_sae: int, k_list: list[int] | None = None, k_min: int = 64) -> list[int]:
@@ -93,8 +88,8 @@ class MSAETrainingSAEConfig(PaperTrainingSAEConfig):
     k_list: explicit levels; if None, built from k_min (see resolve_k_list) at construction.
     weighting: 'rw' (alpha_i = h - i + 1) or 'uw' (alpha_i = 1); `alphas` overrides both.
     normalize_by_alpha_sum: divide the weighted sum by sum(alpha) as the authors' code does.
-    nested_impl: 'fused' (one decode, see nested_topk.py) or 'reference' (one dense decode per
-        level). Same loss and gradients; the reference is the slow oracle.
+    nested_impl: 'fused' (one top-k and one GEMM for the full level, see nested_topk.py) or
+        'reference' (one dense decode per level). Same loss and gradients; the reference is the oracle.
     """
 
     k_list: list[int] | None = None
@@ -134,29 +129,16 @@ class MSAETrainingSAE(PaperTrainingSAE):
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         x = step_input.sae_in
         hidden_pre = self.hidden_pre(x)
-        loss_fn = nested_topk_loss_fused if self.cfg.nested_impl == "fused" else nested_topk_loss_reference
-        loss, level_losses, outputs = loss_fn(
-            x,
-            hidden_pre,
-            self.W_dec,
-            self.b_dec,
-            self.cfg.k_list,  # type: ignore[arg-type]
-            self.cfg.alphas,  # type: ignore[arg-type]
-            cap=self.cfg.soft_cap,
-            recon_loss=self.cfg.recon_loss,
-            normalize_by_alpha_sum=self.cfg.normalize_by_alpha_sum,
-        )
-        with torch.no_grad():  # ReLU (= clamp_min at 0) into reused memory on CPU (`buffers`)
-            relu = torch.clamp_min(hidden_pre, 0, out=buffers.empty_like(hidden_pre))
-            feature_acts = soft_cap(relu, self.cfg.soft_cap)
-        losses: dict[str, Any] = {"recon_loss": loss}
-        for k, level_loss in zip(self.cfg.k_list, level_losses):  # type: ignore[arg-type]
+        # the step's one host-device synchronisation, here rather than in a nested call so that
+        # torch.compile breaks the graph once: it sizes the top-k by the batch (nested_topk.py)
+        n_max = int((hidden_pre > 0).sum(-1).max())
+        sel = select(hidden_pre, self.cfg.k_list, n_max)  # type: ignore[arg-type]
+        loss_fn = nested_topk_loss if self.cfg.nested_impl == "fused" else nested_topk_loss_reference
+        out = loss_fn(x, hidden_pre, sel, self.W_dec, self.b_dec, self.cfg.k_list, self.cfg.alphas,  # type: ignore[arg-type]
+                      cap=self.cfg.soft_cap, recon_loss=self.cfg.recon_loss,
+                      normalize_by_alpha_sum=self.cfg.normalize_by_alpha_sum)
+        losses: dict[str, Any] = {"recon_loss": out.loss}
+        for k, level_loss in zip(self.cfg.k_list, out.level_losses):  # type: ignore[arg-type]
             losses[f"level_{k}"] = level_loss.detach()
-        return TrainStepOutput(
-            sae_in=x,
-            sae_out=outputs[-1],
-            feature_acts=feature_acts,
-            hidden_pre=hidden_pre,
-            loss=loss,
-            losses=losses,
-        )
+        return TrainStepOutput(sae_in=x, sae_out=out.sae_out, feature_acts=out.feature_acts,
+                               hidden_pre=hidden_pre, loss=out.loss, losses=losses)
