@@ -1,8 +1,11 @@
 """Run configuration: one YAML file plus `--set key=value` overrides.
 
-Every key, with its default, is a field of `TrainConfig`; unknown keys are errors. Nested keys
-use dots on the command line (`--set wandb.mode=offline`). Values are parsed as YAML
-(`--set k_list=[64,128,6144]`, `--set soft_cap=null`).
+A run config is the runner's keys (the fields of `TrainConfig`: data, optimisation, schedule,
+checkpoints, logging) and the options of its architecture (the fields of that architecture's
+training config: `k` for TopK, `k_list` / `weighting` for MSAE, `l1_coefficient` for ReLU, and
+`soft_cap` / `recon_loss` for all; `msae_ext.architectures`), side by side in one flat mapping.
+Unknown keys are errors that list the valid ones. Nested keys use dots on the command line
+(`--set wandb.mode=offline`); values are parsed as YAML (`--set k_list=[64,128,6144]`).
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ from typing import Any
 
 import yaml
 
-#: Paper learning rates (paper-recipe, Optimisation) when `lr` is not given.
-DEFAULT_LR = {"relu": 5e-5, "topk": 5e-4, "batchtopk": 5e-4, "msae": 1e-4}
+from .architectures import ARCHITECTURES, architecture
+
+
+class ConfigError(ValueError):
+    """A run config that cannot describe a run: unknown keys, bad values."""
 
 
 @dataclass
@@ -27,7 +33,7 @@ class WandbConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in ("online", "offline", "disabled"):
-            raise ValueError(f"wandb.mode must be online, offline or disabled, got {self.mode!r}")
+            raise ConfigError(f"wandb.mode must be online, offline or disabled, got {self.mode!r}")
 
 
 #: keys that define the stream of batches and the run's schedule, shared by all SAEs of a run
@@ -38,23 +44,12 @@ SHARED_KEYS = {"train_data", "eval_data", "modality", "batch_size", "epochs", "c
 
 @dataclass
 class TrainConfig:
-    # architecture (section 3)
     architecture: str = "msae"  # msae | topk | batchtopk | relu
+    options: dict[str, Any] = field(default_factory=dict)  # the architecture's own keys (module docstring)
     expansion_factor: int | None = 8
     d_sae: int | None = None  # overrides expansion_factor
-    k: float = 64  # TopK / BatchTopK
-    k_list: list[int] | None = None  # MSAE, explicit
-    k_min: int = 64  # MSAE, powers of two from here
-    weighting: str = "rw"  # MSAE: rw | uw
-    alphas: list[float] | None = None  # MSAE, explicit level weights
-    normalize_by_alpha_sum: bool = False  # MSAE: divide by sum(alpha), as the authors' code
-    nested_impl: str = "fused"  # MSAE: fused (one decode) | reference (one dense decode per level)
-    recon_loss: str = "mse"  # mse | nmse (the authors' per-sample normalised MSE)
-    l1_coefficient: float = 0.003  # ReLU (lambda)
-    aux_loss_coefficient: float = 0.0  # TopK / BatchTopK AuxK (off in the paper)
-    soft_cap: float | None = None  # appendix D
     # optimisation (paper-recipe, Optimisation)
-    lr: float | None = None  # None -> DEFAULT_LR[architecture]
+    lr: float | None = None  # None -> the architecture's paper learning rate
     lr_schedule: str = "constant_then_linear"  # constant_then_linear | constant | cosine
     lr_decay_start: float = 0.8  # fraction of training before the linear decay to 0
     weight_decay: float = 0.01  # torch AdamW's default
@@ -65,7 +60,7 @@ class TrainConfig:
     seed: int = 42  # initialisation (and the data order unless data_seed is set)
     data_seed: int | None = None  # order of the batches; None -> seed
     # data
-    train_data: Any = None  # path spec, see msae_ext.store
+    train_data: Any = None  # an embedding spec (msae_ext.store), or {clip: {...}} (msae_ext.embed.stream)
     eval_data: Any = None  # held-out split for evaluation during and after training
     modality: str = "image"  # modality of train_data; its statistics are computed on it
     chunk_rows: int = 4096
@@ -73,7 +68,7 @@ class TrainConfig:
     # run
     device: str = "cpu"
     dtype: str = "float32"
-    autocast: bool = False  # bf16 autocast for the GEMMs; top-k selection and losses stay float32
+    autocast: bool = False  # bf16 autocast for the GEMMs; the top-k selection and the losses stay float32
     compile: bool = False  # torch.compile the training forward pass
     data_on_device: Any = "auto"  # keep the whole training set on the GPU: auto (if it fits) | true | false
     eval_every: int = 500  # steps; 0 = only at the end
@@ -90,29 +85,42 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.wandb, dict):
             self.wandb = WandbConfig(**self.wandb)
-        from .architectures import ARCHITECTURES
-
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(
-                f"unknown architecture {self.architecture!r}; expected one of {sorted(ARCHITECTURES)}"
-            )
+        arch = architecture(self.architecture)
+        valid = arch.options()
+        unknown = sorted(set(self.options) - set(valid))
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}: not run keys ({sorted(runner_keys())}) nor "
+                              f"options of architecture {self.architecture!r} ({sorted(valid)})")
         if self.modality not in ("image", "text"):
-            raise ValueError(f"modality must be 'image' or 'text', got {self.modality!r}")
+            raise ConfigError(f"modality must be 'image' or 'text', got {self.modality!r}")
         if self.lr_schedule not in ("constant_then_linear", "constant", "cosine"):
-            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}")
+            raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; expected constant_then_linear, constant or cosine")
         if self.d_sae is None and self.expansion_factor is None:
-            raise ValueError("set d_sae or expansion_factor")
-        for key in ("batch_size", "epochs"):
+            raise ConfigError("set d_sae or expansion_factor")
+        for key in ("d_sae", "expansion_factor"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        for key in ("batch_size", "epochs", "eval_rows", "chunk_rows", "buffer_rows", "keep_checkpoints"):
             if int(getattr(self, key)) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.lr is not None and not float(self.lr) > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.data_on_device not in ("auto", True, False):
-            raise ValueError(f"data_on_device must be auto, true or false, got {self.data_on_device!r}")
+            raise ConfigError(f"data_on_device must be auto, true or false, got {self.data_on_device!r}")
         if self.saes is not None:
             self.member_configs()  # validate early
 
     @property
     def stream_seed(self) -> int:
         return int(self.data_seed) if self.data_seed is not None else int(self.seed)
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.lr) if self.lr is not None else architecture(self.architecture).lr
+
+    def resolve_d_sae(self, d_in: int) -> int:
+        return int(self.d_sae) if self.d_sae is not None else int(self.expansion_factor) * d_in  # type: ignore[arg-type]
 
     def member_configs(self) -> list["TrainConfig"]:
         """The config of every SAE in `saes`: the top-level keys updated by the entry.
@@ -122,56 +130,69 @@ class TrainConfig:
         separate run.
         """
         if not self.saes:
-            raise ValueError("saes is empty; list at least one SAE or remove the key")
+            raise ConfigError("saes is empty; list at least one SAE or remove the key")
         base = self.to_dict()
         base.pop("saes")
         base["data_seed"] = self.stream_seed
         members, names = [], set()
         for i, entry in enumerate(self.saes):
             if not isinstance(entry, dict):
-                raise ValueError(f"saes[{i}] must be a mapping of config keys, got {entry!r}")
+                raise ConfigError(f"saes[{i}] must be a mapping of config keys, got {entry!r}")
             shared = sorted(set(entry) & SHARED_KEYS)
             if shared:
-                raise ValueError(f"saes[{i}] sets {shared}, which all SAEs of one run share; set them at the top level")
+                raise ConfigError(f"saes[{i}] sets {shared}, which all SAEs of one run share; set them at the top level")
             if "saes" in entry:
-                raise ValueError(f"saes[{i}] cannot itself list saes")
+                raise ConfigError(f"saes[{i}] cannot itself list saes")
             d = {**base, **entry}
             if isinstance(entry.get("wandb"), dict):
                 d["wandb"] = {**base["wandb"], **entry["wandb"]}
             name = str(entry.get("name") or f"{i:02d}_{d['architecture']}")
             if not name.replace("-", "").replace("_", "").replace(".", "").isalnum() or name.startswith("."):
-                raise ValueError(f"saes[{i}]: name {name!r} must be a plain folder name (letters, digits, - _ .)")
+                raise ConfigError(f"saes[{i}]: name {name!r} must be a plain folder name (letters, digits, - _ .)")
             if name in names:
-                raise ValueError(f"saes[{i}]: name {name!r} is used twice")
+                raise ConfigError(f"saes[{i}]: name {name!r} is used twice")
             names.add(name)
             d["name"] = name
-            members.append(TrainConfig.from_dict(d))
+            try:
+                members.append(TrainConfig.from_dict(d))
+            except ConfigError as e:
+                raise ConfigError(f"saes[{i}] ({name}): {e}") from None
         return members
 
-    @property
-    def learning_rate(self) -> float:
-        return float(self.lr) if self.lr is not None else DEFAULT_LR[self.architecture]
-
-    def resolve_d_sae(self, d_in: int) -> int:
-        return int(self.d_sae) if self.d_sae is not None else int(self.expansion_factor) * d_in
-
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The flat mapping a YAML file holds: run keys and the architecture's options side by side."""
+        d = asdict(self)
+        options = d.pop("options")
+        return {"architecture": d.pop("architecture"), **options, **d}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown config key(s) {unknown}; valid keys are {sorted(known)}")
-        return cls(**d)
+        d = dict(d)
+        if "options" in d:
+            raise ConfigError("write the architecture's options as keys of their own, not under `options:`")
+        run = {k: d.pop(k) for k in list(d) if k in runner_keys()}
+        return cls(**run, options=d)
+
+
+def runner_keys() -> set[str]:
+    """The run keys of a config (the architecture's options are the others)."""
+    return {f.name for f in fields(TrainConfig)} - {"options"}
+
+
+def all_option_keys() -> set[str]:
+    """Every architecture's options: the keys a sweep may vary besides the run keys."""
+    return set().union(*(set(a.options()) for a in ARCHITECTURES.values()))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise ValueError(f"--set expects key=value, got {text!r}")
+        raise ConfigError(f"--set expects key=value, got {text!r}")
     key, _, raw = text.partition("=")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML: {e}") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -190,8 +211,17 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """A TrainConfig from a YAML file (or defaults when path is None) and key=value overrides."""
     d: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text())
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"{path}: a config must be a YAML mapping")
+            raise ConfigError(f"{path}: a config must be a YAML mapping")
         d = loaded or {}
-    return TrainConfig.from_dict(apply_overrides(d, overrides or []))
+    try:
+        return TrainConfig.from_dict(apply_overrides(d, overrides or []))
+    except TypeError as e:  # a value of the wrong shape for a dataclass field
+        raise ConfigError(f"{path or 'config'}: {e}") from None

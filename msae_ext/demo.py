@@ -82,7 +82,8 @@ def run_demo(out_dir: str | Path = "msae_demo", quick: bool = False, progress: b
     from sae_lens.synthetic import mean_correlation_coefficient
 
     from .config import TrainConfig
-    from .evaluate import evaluate_sae, load_sae
+    from .evaluate import evaluate_sae
+    from .loading import load_sae
     from .report import table1_markdown, write_report
     from .train import train
 
@@ -95,7 +96,7 @@ def run_demo(out_dir: str | Path = "msae_demo", quick: bool = False, progress: b
     true_features = torch.from_numpy(np.load(out_dir / "data" / "true_features.npy"))
     reports: dict[str, dict[str, Any]] = {}
     for name, overrides in MODELS.items():
-        cfg = TrainConfig(
+        cfg = TrainConfig.from_dict(dict(
             train_data=str(out_dir / "data" / "train.npy"),
             eval_data=str(out_dir / "data" / "eval.npy"),
             expansion_factor=size.expansion_factor,
@@ -106,7 +107,7 @@ def run_demo(out_dir: str | Path = "msae_demo", quick: bool = False, progress: b
             final_eval=False,
             seed=0,
             **overrides,
-        )
+        ))
         run_dir = out_dir / "runs" / overrides["architecture"] / name.split()[1].strip("()").replace("=", "")
         print(f"training {name} ...", flush=True)
         result = train(cfg, run_dir, resume=False, progress=progress)

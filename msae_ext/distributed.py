@@ -1,7 +1,7 @@
 """Data-parallel training under `torchrun`: the process group, the rank's share of a batch, and
 reductions of the trainer's firing statistics.
 
-`torchrun --nproc_per_node N -m msae_cli train run.yaml --out DIR` runs the same config on N
+`torchrun --nproc_per_node N -m msae_ext.cli train run.yaml --out DIR` runs the same config on N
 processes. Every rank reads the same global batch (same seed, same order) and trains on its
 contiguous share of `batch_size / N` rows; gradients are averaged by torch's
 DistributedDataParallel, so a step equals the single-process step on the whole batch (a batch mean

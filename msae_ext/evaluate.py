@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .architectures import PaperSAE, register_all
+from .architectures import PaperSAE
+from .config import TrainConfig
+from .loading import load_sae
 from .metrics import (
     cknna_subset,
     cosine_similarity,
@@ -29,40 +31,12 @@ from .metrics import (
 from .normalization import get_stats
 from .store import EmbeddingSource, check_dimension, check_finite_block, open_embeddings, read_all
 
+PROTOCOLS = ("paper", "native")
+
 REPORT_KEYS = (
     "l0_sparsity", "l0_active", "fvu", "evr", "cos_sim", "cknna",
     "decoder_orthogonality", "dead_neurons", "n_samples",
 )
-
-
-def load_sae(path: str | Path, device: str = "cpu") -> PaperSAE:
-    """Load an SAE saved by `msae train` (its --out folder) or any folder in sae-lens format."""
-    register_all()
-    from sae_lens import SAE
-
-    path = Path(path)
-    if not (path / "cfg.json").exists():
-        raise FileNotFoundError(f"{path}: no cfg.json; pass the --out folder of `msae train` or an SAE folder")
-    return SAE.load_from_disk(path, device=device)
-
-
-def load_labels(path: str | Path) -> np.ndarray:
-    """Integer class labels, one per row: .npy, or a text file with one label per line."""
-    path = Path(path)
-    if path.suffix == ".npy":
-        labels = np.load(path, allow_pickle=False)
-    else:
-        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-        names = sorted(set(lines))
-        try:
-            labels = np.array([int(v) for v in lines])
-        except ValueError:
-            index = {name: i for i, name in enumerate(names)}
-            labels = np.array([index[v] for v in lines])
-    labels = np.asarray(labels).reshape(-1)
-    if labels.dtype.kind not in "iu":
-        raise ValueError(f"{path}: labels must be integers (or one class name per line), got {labels.dtype}")
-    return labels.astype(np.int64)
 
 
 def train_linear_probe(
@@ -248,3 +222,33 @@ def _probe_metrics(source, labels: np.ndarray, sae: PaperSAE, stats, seed: int) 
         "lp_probe_acc": float((lo.argmax(-1) == Y["rep"]).float().mean()),
         "lp_split": {"fit": len(fit), "select": len(val), "report": len(rep)},
     }
+
+
+def evaluate_protocols(sae: PaperSAE, data: EmbeddingSource | str | Path, protocols: list[str] | str = "paper",
+                       **kwargs: Any) -> dict[str, Any]:
+    """`evaluate_sae` under one protocol, or several ('both' is paper then native): the first
+    protocol's report, with each further protocol's whole report under its name."""
+    if protocols == "both":
+        protocols = list(PROTOCOLS)
+    elif isinstance(protocols, str):
+        protocols = [protocols]
+    figure_dir = kwargs.pop("figure_dir", None)
+    report: dict[str, Any] = {}
+    for i, protocol in enumerate(protocols):
+        r = evaluate_sae(sae, data, protocol=protocol, figure_dir=figure_dir if i == 0 else None, **kwargs)
+        if i == 0:
+            report = r
+        else:
+            report[protocol] = r
+    return report
+
+
+def final_report(cfg: TrainConfig, progress: bool = False):
+    """The evaluator of a training run (`msae_ext.train.train(..., evaluator=...)`): each trained
+    SAE's report on the run's held-out `eval_data`, in the training modality."""
+
+    def evaluator(sae_dir: Path) -> dict[str, Any]:
+        return evaluate_sae(load_sae(sae_dir, device=cfg.device), cfg.eval_data, modality=cfg.modality,
+                            progress=progress)
+
+    return evaluator

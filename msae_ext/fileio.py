@@ -31,3 +31,34 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+class FileFormatError(ValueError):
+    """A file that is not what its name says it is."""
+
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def load_npy(path: str | Path, mmap_mode: str | None = None):
+    """An .npy array, never unpickled: a file of Python objects (which would run code when loaded),
+    a file of another kind named .npy, and a truncated file each get an error that says which."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(len(NPY_MAGIC))
+    if head != NPY_MAGIC:
+        what = "pickled Python data, which would run code when loaded" if head[:1] == b"\x80" else \
+            f"not an .npy file (it starts with {head!r})"
+        raise FileFormatError(f"{path}: {what}")
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except ValueError as e:
+        if "allow_pickle" in str(e):  # an .npy of dtype object: its items are pickled
+            raise FileFormatError(f"{path}: an array of Python objects, which would run code when loaded") from None
+        raise FileFormatError(f"{path}: not a readable .npy file (corrupt or truncated?): {e}") from None
+    except (OSError, EOFError) as e:
+        raise FileFormatError(f"{path}: not a readable .npy file (corrupt or truncated?): {e}") from None

@@ -22,14 +22,19 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .config import SHARED_KEYS, TrainConfig, apply_overrides
+from .config import SHARED_KEYS, TrainConfig, all_option_keys, apply_overrides, runner_keys
+from .evaluate import evaluate_protocols, final_report
 from .fileio import write_text_atomic
+from .loading import load_labels, load_sae
+from .normalization import attach_stats_to_folder, compute_stats, get_stats
+from .report import write_report
+from .store import check_dimension, open_embeddings
+from .train import TrainResult, train, train_many
 
 RECIPE_ONLY_KEYS = ("paper", "evaluate")
 EVAL_KEYS = {"name", "data", "modality", "labels", "stats_data", "protocols"}
@@ -82,24 +87,40 @@ def _labels(entry: dict[str, Any]):
     if spec is None:
         return None
     if spec == "cache":
-        from .interpret.rows import open_rows
+        from .embed import load_embeddings
 
-        rows = open_rows(entry["data"])
-        if rows.labels is None or isinstance(rows.labels[0], (list, tuple)):
+        labels = load_embeddings(entry["data"]).labels
+        if labels is None or isinstance(labels[0], (list, tuple)):
             raise RecipeError(f"{entry['data']}: labels: cache needs a cache with one class label per row")
-        return np.asarray(rows.labels, dtype=np.int64)
-    from .evaluate import load_labels
-
+        return np.asarray(labels, dtype=np.int64)
     return load_labels(spec)
+
+
+def train_and_evaluate(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = True,
+                       progress: bool = True) -> list[TrainResult]:
+    """Train the SAE (or, with `saes:`, every SAE) of a config, and write each one's held-out
+    report (eval.json, and the wandb summary) when the config has eval_data: `msae train`."""
+    evaluator = final_report(cfg, progress) if cfg.final_eval and cfg.eval_data is not None else None
+    if cfg.saes:
+        return train_many(cfg, out_dir, resume=resume, progress=progress, evaluator=evaluator)
+    return [train(cfg, out_dir, resume=resume, progress=progress, evaluator=evaluator)]
+
+
+def check_evaluations(entries: list[dict[str, Any]], d_in: int) -> None:
+    """Open every evaluation's data, labels and statistics data before anything is trained."""
+    for entry in entries:
+        source = open_embeddings(entry["data"])
+        check_dimension(source, d_in)
+        labels = _labels(entry)
+        if labels is not None and len(labels) != source.n_rows:
+            raise RecipeError(f"evaluate entry {entry['name']!r}: {len(labels)} labels for {source.n_rows} rows")
+        if entry.get("stats_data"):
+            check_dimension(open_embeddings(entry["stats_data"]), d_in)
 
 
 def evaluate_run(sae_dirs: list[Path], entries: list[dict[str, Any]], progress: bool = True) -> dict[str, dict]:
     """Evaluate every SAE folder on every entry; eval_NAME.json in each folder. Returns
     {entry name: {sae folder name: report}}."""
-    from .evaluate import evaluate_sae, load_sae
-    from .normalization import attach_stats_to_folder, compute_stats, get_stats
-    from .store import open_embeddings
-
     out: dict[str, dict] = {}
     stats_cache: dict[str, Any] = {}
     for entry in entries:
@@ -118,17 +139,10 @@ def evaluate_run(sae_dirs: list[Path], entries: list[dict[str, Any]], progress: 
                     stats_cache[key] = compute_stats(open_embeddings(key))
                 attach_stats_to_folder(d, modality, stats_cache[key])
                 sae = load_sae(d)
-            protocols = entry.get("protocols") or (["paper", "native"] if sae.cfg.architecture() in
-                                                   ("msae_topk", "msae_batchtopk") else ["paper"])
-            report = None
-            for protocol in protocols:
-                r = evaluate_sae(sae, entry["data"], modality=modality, labels=labels, protocol=protocol,
-                                 figure_dir=d / f"figures_{entry['name']}" if report is None else None,
-                                 progress=progress)
-                if report is None:
-                    report = r
-                else:
-                    report[protocol] = r
+            native = sae.cfg.architecture() in ("msae_topk", "msae_batchtopk")
+            protocols = entry.get("protocols") or (["paper", "native"] if native else ["paper"])
+            report = evaluate_protocols(sae, entry["data"], protocols, modality=modality, labels=labels,
+                                        figure_dir=d / f"figures_{entry['name']}", progress=progress)
             write_text_atomic(d / f"eval_{entry['name']}.json", json.dumps(report, indent=2))
             out.setdefault(entry["name"], {})[d.name] = report
     return out
@@ -137,23 +151,21 @@ def evaluate_run(sae_dirs: list[Path], entries: list[dict[str, Any]], progress: 
 def run_recipe(path: str | Path, out_dir: str | Path, overrides: list[str] | None = None, *, resume: bool = True,
                progress: bool = True, train: bool = True) -> dict[str, Any]:
     """Train the recipe's SAEs into out_dir, evaluate them, and write out_dir/report_NAME/."""
-    from .report import write_report
-    from .train import train as train_one
-    from .train import train_many
-
     cfg, extra = load_recipe(path, overrides)
     out_dir = Path(out_dir)
+    entries = extra.get("evaluate") or []
     if train:
-        results = (train_many if cfg.saes else train_one)(cfg, out_dir, resume=resume, progress=progress)
-        results = results if isinstance(results, list) else [results]
-        sae_dirs = [Path(r.out_dir) for r in results]
+        if cfg.train_data is None:
+            raise RecipeError(f"{path}: train_data is not set")
+        check_evaluations(entries, open_embeddings(cfg.train_data).d_in)
+        sae_dirs = [Path(r.out_dir) for r in train_and_evaluate(cfg, out_dir, resume=resume, progress=progress)]
     else:
         names = [m.name for m in cfg.member_configs()] if cfg.saes else [None]
         sae_dirs = [out_dir / n if n else out_dir for n in names]
         missing = [str(d) for d in sae_dirs if not (d / "cfg.json").exists()]
         if missing:
             raise RecipeError(f"--no-train: these SAEs have not been trained yet: {missing}")
-    evals = evaluate_run(sae_dirs, extra.get("evaluate") or [], progress=progress)
+    evals = evaluate_run(sae_dirs, entries, progress=progress)
     reports = {name: [str(p) for p in write_report(by_sae, out_dir / f"report_{name}")]
                for name, by_sae in evals.items()}
     summary = {"recipe": str(path), "paper": extra.get("paper"), "saes": [str(d) for d in sae_dirs],
@@ -182,7 +194,7 @@ def validate_sweep(sweep: dict[str, Any], source: str = "sweep") -> list[str]:
     if not isinstance(params, dict) or not params:
         problems.append("parameters must be a non-empty mapping")
         params = {}
-    known = {f.name for f in fields(TrainConfig)}
+    known = runner_keys() | all_option_keys()
     for key, spec in params.items():
         if key not in known:
             problems.append(f"parameter {key!r} is not a config key")

@@ -28,7 +28,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-MANIFEST = "manifest.json"
+from .embed.extract import MANIFEST
+from .fileio import FileFormatError, load_npy
 
 
 class EmbeddingDataError(ValueError):
@@ -53,9 +54,9 @@ def _as_float32(block: np.ndarray, what: str) -> np.ndarray:
 class NpySource:
     def __init__(self, path: Path):
         try:
-            self._array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise EmbeddingDataError(f"{path}: not a readable .npy file (corrupt or truncated?): {e}") from e
+            self._array = load_npy(path, mmap_mode="r")
+        except FileFormatError as e:
+            raise EmbeddingDataError(str(e)) from None
         if self._array.ndim != 2:
             raise EmbeddingDataError(f"{path}: expected a 2-D (rows, dim) array, got shape {self._array.shape}")
         self.n_rows, self.d_in = (int(s) for s in self._array.shape)
@@ -272,6 +273,18 @@ def check_finite_block(block: np.ndarray, offset: int, description: str) -> None
     bad = nonfinite_rows(block)
     if bad.any():
         raise nonfinite_error(description, int(bad.sum()), offset + int(np.argmax(bad)))
+
+
+def check_finite(source: EmbeddingSource, block_rows: int = 65536) -> None:
+    """Raise, naming how many and the first, if any row of the source holds NaN or an infinity."""
+    n_bad, first = 0, None
+    for start, block in iter_blocks(source, block_rows):
+        bad = nonfinite_rows(block)
+        if bad.any():
+            n_bad += int(bad.sum())
+            first = first if first is not None else start + int(np.argmax(bad))
+    if n_bad:
+        raise nonfinite_error(source.description, n_bad, first)  # type: ignore[arg-type]
 
 
 def read_all(source: EmbeddingSource, rows: np.ndarray | None = None) -> np.ndarray:

@@ -1,23 +1,25 @@
 """Training runner on sae-lens's `SAETrainer`, with the paper's optimisation step.
 
 `PaperTrainer` subclasses sae-lens's trainer where the paper differs from it:
-  * AdamW (betas 0.9, 0.999) instead of Adam, as torch's fused kernel where it runs (one pass over
-    each parameter instead of about ten elementwise ops and their temporaries; `paper_optimizer`);
+  * AdamW (betas 0.9, 0.999) instead of Adam, as torch's fused kernel where it runs;
   * before each step, the gradient component parallel to each decoder row is removed, then the
     gradient norm is clipped (to 1); after the step, decoder rows are renormalised to unit norm;
   * schedules: constant-then-linear-decay (the authors': constant for 80% of training, then
     linear to 0), constant, cosine.
 
-`train(cfg, out_dir)` runs epochs over a finite embedding store with held-out evaluation, wandb
-logging (online / offline / disabled), a progress bar, dead-latent counts, atomic checkpoints and
-resumption: a killed run restarted with the same command continues from its last checkpoint and
-ends with the same weights as an uninterrupted run.
+`train(cfg, out_dir)` runs epochs over a finite embedding store with held-out evaluation during
+training, wandb logging (online / offline / disabled), a progress bar, dead-latent counts, atomic
+checkpoints and resumption: a killed run restarted with the same command continues from its last
+checkpoint and ends with the same weights as an uninterrupted run. `evaluator`, when given, makes
+the final held-out report of each SAE (`msae_ext.recipes.train_and_evaluate` passes the one of
+`msae_ext.evaluate`); it is written to eval.json and to the wandb run's summary.
 
 Output folder (`--out DIR`), loadable as it is with `SAE.load_from_disk(DIR)`:
     cfg.json, sae_weights.safetensors, sparsity.safetensors   inference SAE (sae-lens format)
+    normalization.json                                        the training split's statistics
     train_config.yaml                                         the resolved run config
     training_log.jsonl                                        held-out evals and epoch summaries
-    eval.json                                                 final held-out report (if eval_data)
+    eval.json                                                 final held-out report (with an evaluator)
     checkpoints/step_XXXXXXXXX/ + checkpoints/latest          resumable training state
 """
 
@@ -29,6 +31,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -37,19 +40,24 @@ import numpy as np
 import torch
 import yaml
 from safetensors.torch import save_file
-
 from sae_lens.config import LoggingConfig, SAETrainerConfig
+from sae_lens.saes.sae import TrainStepInput
 from sae_lens.training.sae_trainer import SAETrainer
 
-from .architectures import PaperTrainingSAE, buffers, cpu_kernels, register_all, training_classes
+from .architectures import PaperTrainingSAE, architecture
 from .config import TrainConfig
 from .distributed import DistEnv, StepModule, all_reduce_, init_distributed
 from .fileio import fsync_dir, write_text_atomic
+from .metrics import cosine_similarity, fvu, l0_active, l0_sparsity
 from .normalization import METADATA_KEY, ModalityStats, compute_stats, stats_to_metadata
-from .store import BatchStream, ResidentBatches, check_dimension, fits_on_device, open_embeddings
+from .store import BatchStream, ResidentBatches, check_dimension, check_finite, fits_on_device, open_embeddings, read_all
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+FINAL_FILES = ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors")
+
+#: makes a trained SAE's final held-out report: evaluator(sae_dir) -> report
+Evaluator = Callable[[Path], dict[str, Any]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,25 +93,10 @@ def renormalize_decoder(W_dec: torch.Tensor) -> None:
     W_dec.div_(W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
 
-def fired_per_feature(feature_acts: torch.Tensor) -> torch.Tensor:
-    """(d_sae,) int32: in how many rows of `feature_acts` (batch, d_sae) each latent is positive.
-
-    On CPU in float32 one pass of the compiled kernels (about a tenth of the time at 4096 x 6144);
-    elsewhere `(feature_acts > 0).sum(0)` with an int32 result (a bool sum's default int64 result
-    would make a (batch, d_sae) int64 copy)."""
-    kernels = cpu_kernels.kernels_for(feature_acts) if feature_acts.dim() == 2 else None
-    if kernels is not None:
-        return kernels.count_positive_per_feature(feature_acts)
-    return (feature_acts > 0).sum(0, dtype=torch.int32)
-
-
 def paper_optimizer(params, lr: float, betas: tuple[float, float] = (0.9, 0.999),
                     weight_decay: float = 0.01) -> torch.optim.AdamW:
-    """AdamW as the paper's step takes it: torch's fused kernel where every parameter is a float32,
-    float16 or bfloat16 CPU or CUDA tensor, torch's default implementation elsewhere. The fused
-    kernel gives the same update within float rounding, in one pass over each parameter instead of
-    the single-tensor loop's ten or so elementwise ops and their (d_sae, d_in) temporaries.
-    benchmarks/train_step.py steps with it."""
+    """AdamW, as torch's fused kernel where every parameter is a float CPU or CUDA tensor (one pass
+    over each parameter; the same update within float rounding), torch's default elsewhere."""
     params = list(params)
     fused = bool(params) and all(
         p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params
@@ -112,23 +105,18 @@ def paper_optimizer(params, lr: float, betas: tuple[float, float] = (0.9, 0.999)
 
 
 class PaperTrainer(SAETrainer):
-    """sae-lens's trainer with the paper's optimiser, schedule and decoder constraint."""
+    """sae-lens's trainer with the paper's optimiser, schedule and decoder constraint.
 
-    def __init__(
-        self,
-        cfg: SAETrainerConfig,
-        sae: PaperTrainingSAE,
-        *,
-        weight_decay: float,
-        lr_schedule: str,
-        lr_decay_start: float,
-        grad_clip_norm: float = 1.0,
-        step_module: torch.nn.Module | None = None,
-        world: int = 1,
-    ):
+    sae-lens has no hook between a step's backward and its optimiser step, where the decoder
+    constraint goes, so `_train_step` is overridden; tests/test_train.py pins what it relies on
+    (`SAETrainer.step` hands it the batch and returns its output)."""
+
+    def __init__(self, cfg: SAETrainerConfig, sae: PaperTrainingSAE, *, weight_decay: float, lr_schedule: str,
+                 lr_decay_start: float, grad_clip_norm: float = 1.0, step_module: torch.nn.Module | None = None,
+                 world: int = 1):
         super().__init__(cfg, sae, data_provider=iter(()))
         self.grad_clip_norm = grad_clip_norm
-        # the forward the step runs: the SAE itself, or a DistributedDataParallel wrapper of it
+        # the forward the step runs: the SAE itself, or a compiled or DistributedDataParallel wrapper of it
         self.step_module = step_module
         self.world = world
         self.last_did_fire: torch.Tensor | None = None
@@ -147,22 +135,20 @@ class PaperTrainer(SAETrainer):
 
     def _train_step(self, sae, sae_in):  # type: ignore[override]
         sae.train()
-        step_input = self._step_input(sae_in)
+        step_input = TrainStepInput(sae_in=sae_in, dead_neuron_mask=self.dead_neurons,
+                                    coefficients=self.get_coefficients(), n_training_steps=self.n_training_steps,
+                                    is_logging_step=False)
         with self.autocast_if_enabled:
-            if self.step_module is not None:
-                out = self.step_module(step_input)
-            else:
-                out = sae.training_forward_pass(step_input=step_input)
+            out = (self.step_module or sae.training_forward_pass)(step_input)
         with torch.no_grad():
-            fired_count = fired_per_feature(out.feature_acts)
+            fired_count = (out.feature_acts > 0).sum(0, dtype=torch.int32)  # int32: no (batch, d_sae) int64 copy
             if self.world > 1:  # firing statistics of the global batch
                 all_reduce_(fired_count, "sum")
             did_fire = fired_count > 0
-            fired_count = fired_count.to(self.act_freq_scores.dtype)
             self.last_did_fire = did_fire
             self.n_forward_passes_since_fired += 1
             self.n_forward_passes_since_fired[did_fire] = 0
-            self.act_freq_scores += fired_count
+            self.act_freq_scores += fired_count.to(self.act_freq_scores.dtype)
             self.n_frac_active_samples += self.cfg.train_batch_size_samples
         out.loss.backward()
         remove_parallel_decoder_grad(sae.W_dec)
@@ -173,52 +159,13 @@ class PaperTrainer(SAETrainer):
         self.lr_scheduler.step()
         return out
 
-    def _step_input(self, sae_in: torch.Tensor):
-        from sae_lens.saes.sae import TrainStepInput
-
-        return TrainStepInput(
-            sae_in=sae_in,
-            dead_neuron_mask=self.dead_neurons,
-            coefficients=self.get_coefficients(),
-            n_training_steps=self.n_training_steps,
-            is_logging_step=False,
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Building SAEs
-# --------------------------------------------------------------------------------------------
-
 
 def build_training_sae(cfg: TrainConfig, d_in: int) -> PaperTrainingSAE:
     """The training SAE a config describes, initialised as in the paper (seeded by the caller)."""
-    register_all()
-    sae_cls, cfg_cls = training_classes(cfg.architecture)
-    d_sae = cfg.resolve_d_sae(d_in)
-    common: dict[str, Any] = dict(
-        d_in=d_in,
-        d_sae=d_sae,
-        dtype=cfg.dtype,
-        device=cfg.device,
-        soft_cap=cfg.soft_cap,
-        recon_loss=cfg.recon_loss,
-    )
-    if cfg.architecture == "msae":
-        specific = dict(
-            k_list=cfg.k_list,
-            k_min=cfg.k_min,
-            weighting=cfg.weighting,
-            alphas=cfg.alphas,
-            normalize_by_alpha_sum=cfg.normalize_by_alpha_sum,
-            nested_impl=cfg.nested_impl,
-        )
-    elif cfg.architecture == "relu":
-        specific = dict(l1_coefficient=cfg.l1_coefficient)
-    elif cfg.architecture == "topk":
-        specific = dict(k=int(cfg.k), aux_loss_coefficient=cfg.aux_loss_coefficient)
-    else:  # batchtopk
-        specific = dict(k=float(cfg.k), aux_loss_coefficient=cfg.aux_loss_coefficient)
-    return sae_cls(cfg_cls(**common, **specific))
+    arch = architecture(cfg.architecture)
+    sae_cfg = arch.training_config(d_in=d_in, d_sae=cfg.resolve_d_sae(d_in), dtype=cfg.dtype, device=cfg.device,
+                                   **cfg.options)
+    return arch.training_sae(sae_cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,11 +178,10 @@ class RunState:
     epoch: int = 0  # epoch in progress
     batch_in_epoch: int = 0  # batches of that epoch already trained on
     step: int = 0
+    dead_last_epoch: int | None = None  # latents that never fired in the last finished epoch
 
 
-def save_checkpoint(
-    out_dir: Path, trainer: PaperTrainer, state: RunState, keep: int, fired_epoch: torch.Tensor
-) -> Path:
+def save_checkpoint(out_dir: Path, trainer: PaperTrainer, state: RunState, keep: int, fired_epoch: torch.Tensor) -> Path:
     """Write a checkpoint into a temporary folder, then rename it into place and move `latest`.
 
     A crash at any point leaves the previous checkpoint and `latest` intact.
@@ -267,21 +213,31 @@ def save_checkpoint(
     return final
 
 
+def checkpoints_newest_first(out_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run folder, `latest` first, then the others newest first."""
+    root = out_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = sorted((p for p in root.iterdir() if p.name.startswith("step_") and (p / "run_state.json").exists()),
+                   reverse=True)
+    pointer = root / LATEST
+    latest = root / pointer.read_text().strip() if pointer.exists() else None
+    return ([latest] if latest in found else []) + [p for p in found if p != latest]
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    pointer = out_dir / CHECKPOINTS / LATEST
-    if not pointer.exists():
-        return None
-    path = out_dir / CHECKPOINTS / pointer.read_text().strip()
-    return path if (path / "run_state.json").exists() else None
+    found = checkpoints_newest_first(out_dir)
+    return found[0] if found else None
 
 
 def load_checkpoint(path: Path, trainer: PaperTrainer, fired_epoch: torch.Tensor) -> RunState:
+    state = RunState(**json.loads((path / "run_state.json").read_text()))
     trainer.sae.load_weights_from_checkpoint(path)
     trainer.load_trainer_state(path)
-    extra = torch.load(path / "rng_state.pt")
+    extra = torch.load(path / "rng_state.pt", weights_only=True)
     torch.set_rng_state(extra["torch"])
     fired_epoch.copy_(extra["fired_epoch"])
-    return RunState(**json.loads((path / "run_state.json").read_text()))
+    return state
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,16 +270,9 @@ def _init_wandb(cfg: TrainConfig, out_dir: Path, resume_id: str | None):
         return None
     import wandb
 
-    run = wandb.init(
-        project=cfg.wandb.project,
-        entity=cfg.wandb.entity,
-        name=cfg.wandb.name or out_dir.name,
-        mode=cfg.wandb.mode,
-        dir=str(out_dir),
-        config=cfg.to_dict(),
-        id=resume_id,
-        resume="allow" if resume_id else None,
-    )
+    run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name or out_dir.name,
+                     mode=cfg.wandb.mode, dir=str(out_dir), config=cfg.to_dict(), id=resume_id,
+                     resume="allow" if resume_id else None)
     (out_dir / "wandb_run_id").write_text(run.id)
     return run
 
@@ -332,13 +281,11 @@ class _Member:
     """One SAE of a run: its folder, model, optimiser, state, checkpoints, logs and wandb run."""
 
     def __init__(self, cfg: TrainConfig, out_dir: Path, d_in: int, stats: ModalityStats, steps_per_epoch: int,
-                 env: DistEnv, checkpoint: Path | None):
+                 env: DistEnv, checkpoints: list[Path]):
         self.cfg, self.out_dir, self.stats, self.env = cfg, out_dir, stats, env
         out_dir.mkdir(parents=True, exist_ok=True)
-        if checkpoint is not None:
+        if checkpoints:
             _check_same_run(cfg, out_dir)
-        self.checkpoint = checkpoint
-
         torch.manual_seed(cfg.seed)
         sae = build_training_sae(cfg, d_in)
         sae.cfg.metadata[METADATA_KEY] = stats_to_metadata({cfg.modality: stats})
@@ -352,36 +299,41 @@ class _Member:
             step_module = DistributedDataParallel(StepModule(sae), device_ids=None, broadcast_buffers=False)
         elif cfg.compile:
             step_module = torch.compile(StepModule(sae))
-        total_steps = steps_per_epoch * cfg.epochs
         trainer_cfg = SAETrainerConfig(
-            total_training_samples=total_steps * cfg.batch_size,
-            train_batch_size_samples=cfg.batch_size,
-            lr=cfg.learning_rate,
-            lr_end=0.0,
-            adam_beta1=float(cfg.adam_betas[0]),
-            adam_beta2=float(cfg.adam_betas[1]),
-            device=cfg.device,
-            autocast=cfg.autocast,
-            dead_feature_window=cfg.dead_feature_window,
-            feature_sampling_window=max(1, steps_per_epoch),
-            logger=LoggingConfig(log_to_wandb=False),
+            total_training_samples=steps_per_epoch * cfg.epochs * cfg.batch_size,
+            train_batch_size_samples=cfg.batch_size, lr=cfg.learning_rate, lr_end=0.0,
+            adam_beta1=float(cfg.adam_betas[0]), adam_beta2=float(cfg.adam_betas[1]), device=cfg.device,
+            autocast=cfg.autocast, dead_feature_window=cfg.dead_feature_window,
+            feature_sampling_window=max(1, steps_per_epoch), logger=LoggingConfig(log_to_wandb=False),
         )
-        self.trainer = PaperTrainer(
-            trainer_cfg, sae, weight_decay=cfg.weight_decay, lr_schedule=cfg.lr_schedule,
-            lr_decay_start=cfg.lr_decay_start, grad_clip_norm=cfg.grad_clip_norm, step_module=step_module,
-            world=env.world,
-        )
+        self.trainer = PaperTrainer(trainer_cfg, sae, weight_decay=cfg.weight_decay, lr_schedule=cfg.lr_schedule,
+                                    lr_decay_start=cfg.lr_decay_start, grad_clip_norm=cfg.grad_clip_norm,
+                                    step_module=step_module, world=env.world)
         self.state = RunState()
         self.fired_epoch = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=cfg.device)
-        if checkpoint is not None:
-            self.state = load_checkpoint(checkpoint, self.trainer, self.fired_epoch)
+        self.checkpoint = self._resume(checkpoints)
         self.run = None
         if env.is_main:
             (out_dir / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             resume_id = (out_dir / "wandb_run_id").read_text().strip() if (
-                checkpoint is not None and (out_dir / "wandb_run_id").exists()) else None
+                self.checkpoint is not None and (out_dir / "wandb_run_id").exists()) else None
             self.run = _init_wandb(cfg, out_dir, resume_id)
         self.log_path = out_dir / "training_log.jsonl"
+
+    def _resume(self, checkpoints: list[Path]) -> Path | None:
+        """Load the newest checkpoint that reads back whole; a damaged one is skipped with a warning
+        (loading the next one replaces everything the damaged one may have set)."""
+        for path in checkpoints:
+            try:
+                self.state = load_checkpoint(path, self.trainer, self.fired_epoch)
+                return path
+            except Exception as e:  # corrupt or truncated files raise many different errors
+                warnings.warn(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); trying an older one",
+                              stacklevel=2)
+        if checkpoints:
+            raise RuntimeError(f"{self.out_dir}: no checkpoint can be read ({', '.join(p.name for p in checkpoints)}); "
+                               "pass --no-resume to start the run afresh")
+        return None
 
     def train_step(self, x: torch.Tensor, eval_x: torch.Tensor | None):
         cfg, trainer, state = self.cfg, self.trainer, self.state
@@ -393,19 +345,19 @@ class _Member:
         trainer.maybe_reset_sparsity()
         if self.run is not None and state.step % cfg.wandb.log_every == 0:
             self.run.log(trainer.build_train_step_log_dict(out, trainer.n_training_samples), step=state.step)
-        if (self.env.is_main and eval_x is not None and cfg.eval_every > 0 and state.step % cfg.eval_every == 0):
+        if self.env.is_main and eval_x is not None and cfg.eval_every > 0 and state.step % cfg.eval_every == 0:
             _log_eval(self.sae, eval_x, self.stats, state, trainer, self.run, self.log_path)
         return out
 
     def end_epoch(self, epoch: int, elapsed: float) -> None:
-        dead_epoch = int((~self.fired_epoch).sum())
+        self.state.dead_last_epoch = int((~self.fired_epoch).sum())
         if self.env.is_main:
             _append_log(self.log_path, {"event": "epoch_end", "epoch": epoch, "step": self.state.step,
-                                        "dead_latents_epoch": dead_epoch,
+                                        "dead_latents_epoch": self.state.dead_last_epoch,
                                         "dead_latents_window": int(self.trainer.dead_neurons.sum()),
                                         "elapsed_s": round(elapsed, 2)})
         if self.run is not None:
-            self.run.log({"sparsity/dead_latents_epoch": dead_epoch}, step=self.state.step)
+            self.run.log({"sparsity/dead_latents_epoch": self.state.dead_last_epoch}, step=self.state.step)
         self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
         self.fired_epoch.zero_()
 
@@ -413,24 +365,26 @@ class _Member:
         if self.env.is_main:
             save_checkpoint(self.out_dir, self.trainer, self.state, keep, self.fired_epoch)
 
-    def finish(self, eval_source, progress: bool) -> TrainResult:
+    def finish(self, evaluator: Evaluator | None, trained: bool) -> TrainResult:
         sae, trainer, cfg = self.sae, self.trainer, self.cfg
-        trainer.set_final_sae_metadata()
-        sae.cfg.metadata.dead_latents_train_last_epoch = int((~self.fired_epoch).sum())
-        sae.cfg.metadata.training_steps = self.state.step
         report = None
         if self.env.is_main:
-            save_inference_sae(sae, self.out_dir, trainer)
-            if eval_source is not None and cfg.final_eval:
-                from .evaluate import evaluate_sae, load_sae
-
-                report = evaluate_sae(load_sae(self.out_dir, device=cfg.device), eval_source,
-                                      modality=cfg.modality, progress=progress)
-                report["dead_neurons_train"] = sae.cfg.metadata.dead_latents_train_last_epoch
-                write_text_atomic(self.out_dir / "eval.json", json.dumps(report, indent=2))
-                if self.run is not None:
-                    self.run.summary.update({f"eval/{k}": v for k, v in report.items()
-                                             if isinstance(v, (int, float))})
+            done = self.out_dir / "eval.json"
+            if not trained and all((self.out_dir / f).exists() for f in FINAL_FILES):
+                # a finished run started again: its SAE folder (with any statistics attached since) stands
+                report = json.loads(done.read_text()) if done.exists() else None
+            else:
+                trainer.set_final_sae_metadata()
+                sae.cfg.metadata.dead_latents_train_last_epoch = self.state.dead_last_epoch
+                sae.cfg.metadata.training_steps = self.state.step
+                save_inference_sae(sae, self.out_dir, trainer)
+                if evaluator is not None:
+                    report = evaluator(self.out_dir)
+                    report["dead_neurons_train"] = self.state.dead_last_epoch
+                    write_text_atomic(done, json.dumps(report, indent=2))
+                    if self.run is not None:
+                        self.run.summary.update({f"eval/{k}": v for k, v in report.items()
+                                                 if isinstance(v, (int, float))})
         if self.run is not None:
             self.run.finish()
         return TrainResult(self.out_dir, sae, self.state.step, self.checkpoint, report)
@@ -439,67 +393,72 @@ class _Member:
 MULTI_STATE = "multi_state.json"
 
 
-def train(
-    cfg: TrainConfig,
-    out_dir: str | Path,
-    *,
-    resume: bool = True,
-    progress: bool = True,
-    stop_after_steps: int | None = None,
-) -> TrainResult:
+def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = True, progress: bool = True,
+          evaluator: Evaluator | None = None, stop_after_steps: int | None = None) -> TrainResult:
     """Train the one SAE `cfg` describes into `out_dir` (see module docstring)."""
     if cfg.saes:
         raise ValueError("this config lists several SAEs (`saes:`); use train_many (or `msae train`)")
-    return _run([cfg], [Path(out_dir)], Path(out_dir), resume, progress, stop_after_steps)[0]
+    return _run([cfg], [Path(out_dir)], Path(out_dir), resume, progress, evaluator, stop_after_steps)[0]
 
 
-def train_many(
-    cfg: TrainConfig,
-    out_dir: str | Path,
-    *,
-    resume: bool = True,
-    progress: bool = True,
-    stop_after_steps: int | None = None,
-) -> list[TrainResult]:
+def train_many(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = True, progress: bool = True,
+               evaluator: Evaluator | None = None, stop_after_steps: int | None = None) -> list[TrainResult]:
     """Train every SAE of `cfg.saes` on one shared stream of batches, each into `out_dir/<name>/`.
 
     Each SAE has its own optimiser, checkpoints, logs and report, and ends with the weights a
     separate run of its own config (`out_dir/<name>/train_config.yaml`) would give.
     """
     members = cfg.member_configs()
-    names = [m.name for m in members]
-    return _run(members, [Path(out_dir) / n for n in names], Path(out_dir), resume, progress, stop_after_steps)  # type: ignore[arg-type]
+    dirs = [Path(out_dir) / str(m.name) for m in members]
+    return _run(members, dirs, Path(out_dir), resume, progress, evaluator, stop_after_steps)
+
+
+def check_device(device: str) -> None:
+    """A clear error for a device this machine does not have."""
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this machine has no CUDA device torch can use; set device: cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available here; set device: cpu")
 
 
 def _run(cfgs: list[TrainConfig], dirs: list[Path], root: Path, resume: bool, progress: bool,
-         stop_after_steps: int | None) -> list[TrainResult]:
+         evaluator: Evaluator | None, stop_after_steps: int | None) -> list[TrainResult]:
     base = cfgs[0]
+    if base.train_data is None:
+        raise ValueError("train_data is not set (a path to embeddings; see msae_ext.store)")
+    check_device(base.device)
     env, device = init_distributed(base.device)
     if env.enabled:
         if base.batch_size % env.world:
             raise ValueError(f"batch_size {base.batch_size} is not divisible by the {env.world} processes")
         for c in cfgs:
             c.device = device
-    root.mkdir(parents=True, exist_ok=True)
-    if base.train_data is None:
-        raise ValueError("train_data is not set (a path to embeddings; see msae_ext.store)")
+    # every input is checked before anything is trained
     source = open_embeddings(base.train_data)
-    eval_source = open_embeddings(base.eval_data) if base.eval_data is not None else None
-    if eval_source is not None:
+    for c in cfgs:  # the architecture's own checks of its options (k against d_sae, the k-list, ...)
+        arch = architecture(c.architecture)
+        arch.training_config(d_in=source.d_in, d_sae=c.resolve_d_sae(source.d_in), device="meta", **c.options)
+    eval_source = None
+    if base.eval_data is not None:
+        eval_source = open_embeddings(base.eval_data)
         check_dimension(eval_source, source.d_in)
+        check_finite(eval_source)
+    root.mkdir(parents=True, exist_ok=True)
 
     # statistics of the training split, shared by every SAE of the run; rank 0 computes them
     stats_path = root / "normalization.json"
     multi = len(cfgs) > 1 or dirs[0] != root
-    # the checkpoint each SAE resumes from: a multi-SAE run resumes at the last step all of them saved
-    checkpoints: list[Path | None] = [None] * len(dirs)
+    # the checkpoints each SAE may resume from, newest first; a multi-SAE run resumes at the last
+    # step all of them saved
+    checkpoints: list[list[Path]] = [[] for _ in dirs]
     if resume and multi and (root / MULTI_STATE).exists():
         step_dir = f"step_{json.loads((root / MULTI_STATE).read_text())['step']:09d}"
-        checkpoints = [d / CHECKPOINTS / step_dir for d in dirs]
-        checkpoints = [c if (c / "run_state.json").exists() else None for c in checkpoints]
+        checkpoints = [[d / CHECKPOINTS / step_dir] if (d / CHECKPOINTS / step_dir / "run_state.json").exists() else []
+                       for d in dirs]
     elif resume and not multi:
-        checkpoints = [latest_checkpoint(root)]
-    resuming = any(c is not None for c in checkpoints)
+        checkpoints = [checkpoints_newest_first(root)]
+    resuming = any(checkpoints)
     if env.is_main and not (resuming and stats_path.exists()):
         stats = compute_stats(source)  # also rejects NaN / inf rows
         write_text_atomic(stats_path, json.dumps(stats.to_dict()))
@@ -512,8 +471,8 @@ def _run(cfgs: list[TrainConfig], dirs: list[Path], root: Path, resume: bool, pr
 
     stream = BatchStream(source, base.batch_size, seed=base.stream_seed, chunk_rows=base.chunk_rows,
                          buffer_rows=base.buffer_rows)
-    members = [_Member(c, d, source.d_in, stats, stream.batches_per_epoch, env, ckpt)
-               for c, d, ckpt in zip(cfgs, dirs, checkpoints)]
+    members = [_Member(c, d, source.d_in, stats, stream.batches_per_epoch, env, ckpts)
+               for c, d, ckpts in zip(cfgs, dirs, checkpoints)]
     state = members[0].state
     if any((m.state.epoch, m.state.batch_in_epoch, m.state.step) != (state.epoch, state.batch_in_epoch, state.step)
            for m in members):
@@ -523,14 +482,13 @@ def _run(cfgs: list[TrainConfig], dirs: list[Path], root: Path, resume: bool, pr
         batches = ResidentBatches(stream, device)  # type: ignore[assignment]
 
     eval_x = None
-    if env.is_main and eval_source is not None and (base.eval_every > 0 or base.final_eval):
-        from .store import read_all
-
+    if env.is_main and eval_source is not None and base.eval_every > 0:
         n = min(eval_source.n_rows, base.eval_rows)
         rows = np.sort(np.random.default_rng(base.seed).choice(eval_source.n_rows, n, replace=False))
         eval_x = torch.from_numpy(read_all(eval_source, rows))
 
     total_steps = stream.batches_per_epoch * base.epochs
+    start_step = state.step
     desc = f"train {base.architecture}" if len(cfgs) == 1 else f"train {len(cfgs)} SAEs"
     pbar = _progress(total_steps, state.step, desc, progress and env.is_main)
     start = time.time()
@@ -564,8 +522,9 @@ def _run(cfgs: list[TrainConfig], dirs: list[Path], root: Path, resume: bool, pr
             save_all()
     finally:
         pbar.close()
-        buffers.release()  # the step's cached CPU memory (`msae_ext.architectures.buffers`)
-    results = [m.finish(eval_source, progress) for m in members]
+    trained = members[0].state.step > start_step
+    final_eval = evaluator if (base.final_eval and eval_source is not None) else None
+    results = [m.finish(final_eval, trained) for m in members]
     env.barrier()
     return results
 
@@ -591,7 +550,16 @@ def _check_same_run(cfg: TrainConfig, out_dir: Path) -> None:
 
 
 def save_inference_sae(sae: PaperTrainingSAE, out_dir: Path, trainer: PaperTrainer | None = None) -> None:
-    """Write the inference SAE (sae-lens format) into out_dir, each file atomically."""
+    """Write the inference SAE (sae-lens format) into out_dir, each file atomically. Statistics of
+    other modalities already attached to an SAE in out_dir (`msae stats`) are kept."""
+    existing = out_dir / "cfg.json"
+    if existing.exists():
+        try:
+            attached = json.loads(existing.read_text()).get("metadata", {}).get(METADATA_KEY) or {}
+        except (json.JSONDecodeError, AttributeError):
+            attached = {}
+        ours = dict(sae.cfg.metadata.get(METADATA_KEY) or {})
+        sae.cfg.metadata[METADATA_KEY] = {**attached, **ours}
     tmp = out_dir / f".tmp-final-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -611,8 +579,6 @@ def _append_log(path: Path, record: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def _log_eval(sae, eval_x, stats, state, trainer, run, log_path) -> None:
-    from .metrics import cosine_similarity, fvu, l0_active, l0_sparsity
-
     sae.eval()
     x = eval_x.to(sae.W_dec.device)
     z = sae.encode(stats.apply(x))
@@ -626,5 +592,4 @@ def _log_eval(sae, eval_x, stats, state, trainer, run, log_path) -> None:
     sae.train()
     _append_log(log_path, record)
     if run is not None:
-        run.log({f"heldout/{k}": v for k, v in record.items() if k not in ("event", "step", "epoch")},
-                step=state.step)
+        run.log({f"heldout/{k}": v for k, v in record.items() if k not in ("event", "step", "epoch")}, step=state.step)

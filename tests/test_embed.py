@@ -306,11 +306,11 @@ def test_training_from_the_dataset_equals_training_from_the_cache(clip, tiny_con
 
     common = dict(architecture="msae", d_sae=64, k_list=[4, 16, 64], batch_size=4, epochs=2, chunk_rows=8,
                   eval_every=0, final_eval=False, checkpoint_every=0)
-    ref = train(TrainConfig(train_data=str(tmp_path / "cache"), **common), tmp_path / "sae_cache", progress=False)
+    ref = train(TrainConfig.from_dict(dict(train_data=str(tmp_path / "cache"), **common)), tmp_path / "sae_cache", progress=False)
     ckpt = tmp_path / "clip.pt"
     torch.save(clip.model.state_dict(), ckpt)
     spec["clip"]["pretrained"] = str(ckpt)
-    fly = train(TrainConfig(train_data=spec, **common), tmp_path / "sae_fly", progress=False)
+    fly = train(TrainConfig.from_dict(dict(train_data=spec, **common)), tmp_path / "sae_fly", progress=False)
     from safetensors.torch import load_file
 
     a = load_file(str(ref.out_dir / "sae_weights.safetensors"))
@@ -321,17 +321,17 @@ def test_training_from_the_dataset_equals_training_from_the_cache(clip, tiny_con
 
 def test_text_statistics_attach_to_an_image_trained_sae(clip, folder, tmp_path):
     from msae_ext.config import TrainConfig
-    from msae_ext.evaluate import load_sae
+    from msae_ext.loading import load_sae
     from msae_ext.normalization import compute_stats, get_stats
     from msae_ext.store import open_embeddings
     from msae_ext.train import train
-    from msae_cli import main
+    from msae_ext.cli import main
 
     items = open_items(f"folder:{folder}")
     embed_dataset(items, clip, tmp_path / "e", modality="both", batch_size=4, num_workers=0, progress=False)
-    res = train(TrainConfig(train_data=str(tmp_path / "e" / "image"), architecture="msae", d_sae=64, k_list=[4, 64],
-                            batch_size=4, epochs=1, eval_every=0, final_eval=False, checkpoint_every=0),
-                tmp_path / "sae", progress=False)
+    res = train(TrainConfig.from_dict(dict(train_data=str(tmp_path / "e" / "image"), architecture="msae", d_sae=64,
+                                           k_list=[4, 64], batch_size=4, epochs=1, eval_every=0, final_eval=False,
+                                           checkpoint_every=0)), tmp_path / "sae", progress=False)
     with pytest.raises(ValueError, match="no 'text' normalisation statistics"):
         get_stats(load_sae(res.out_dir), "text")
     assert main(["stats", "--sae", str(res.out_dir), "--modality", "text", "--data", str(tmp_path / "e" / "text")]) == 0
@@ -353,9 +353,9 @@ def test_torchrun_two_process_extraction_equals_one_process(tiny_config, folder,
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "msae_cli", *args, "--out", str(tmp_path / "two")], check=True, env=env, cwd=root,
+                    "-m", "msae_ext.cli", *args, "--out", str(tmp_path / "two")], check=True, env=env, cwd=root,
                    capture_output=True)
-    subprocess.run([sys.executable, "-m", "msae_cli", *args, "--out", str(tmp_path / "one")], check=True, env=env,
+    subprocess.run([sys.executable, "-m", "msae_ext.cli", *args, "--out", str(tmp_path / "one")], check=True, env=env,
                    cwd=root, capture_output=True)
     for m in ("image", "text"):
         a, b = load_embeddings(tmp_path / "one" / m, verify=True), load_embeddings(tmp_path / "two" / m, verify=True)

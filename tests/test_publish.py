@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import msae_cli
+import msae_ext.cli as msae_cli
 import msae_ext  # noqa: F401  (registers the architectures and releases)
 from msae_ext.architectures import PaperSAE
 from msae_ext.architectures.msae import MSAEConfig
-from msae_ext.evaluate import load_sae
+from msae_ext.loading import load_sae
 from msae_ext.normalization import ModalityStats, attach_stats, get_stats
 from msae_ext.publish import AuthorsCheckpointError, load_authors_sae, load_registry, parse_authors_name
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-import msae_cli
+import msae_ext.cli as msae_cli
 from msae_ext.recipes import (
     RecipeError,
     agent_overrides,
@@ -45,16 +45,16 @@ def test_recipes_cover_the_paper_with_its_hyperparameters():
         assert all(m.learning_rate == lr for m in members)
         fam = path.stem.split("_")[1]
         if fam == "relu":
-            assert [m.l1_coefficient for m in members] == [0.03, 0.01, 0.003, 0.001]
+            assert [m.options["l1_coefficient"] for m in members] == [0.03, 0.01, 0.003, 0.001]
         elif fam == "topk":
-            assert [m.k for m in members] == [32, 64, 128, 256, 512]
+            assert [m.options["k"] for m in members] == [32, 64, 128, 256, 512]
         elif fam == "batchtopk":
-            assert [m.k for m in members] == [16, 32, 64, 128, 256]
+            assert [m.options["k"] for m in members] == [16, 32, 64, 128, 256]
         else:
-            assert sorted(m.weighting for m in members) == ["rw", "uw"]
-    assert load_recipe(ROOT / "recipes/vitl14_msae_128_256_x8.yaml")[0].k_list == [128, 256]
+            assert sorted(m.options["weighting"] for m in members) == ["rw", "uw"]
+    assert load_recipe(ROOT / "recipes/vitl14_msae_128_256_x8.yaml")[0].options["k_list"] == [128, 256]
     assert load_recipe(ROOT / "recipes/vitl14_msae_text_x8.yaml")[0].modality == "text"
-    assert load_recipe(ROOT / "recipes/vitl14_msae_softcap_x16.yaml")[0].soft_cap == 10.0
+    assert load_recipe(ROOT / "recipes/vitl14_msae_softcap_x16.yaml")[0].options["soft_cap"] == 10.0
 
 
 def test_generator_reproduces_the_committed_recipes(tmp_path):
@@ -158,10 +158,10 @@ def test_msae_run_trains_evaluates_and_reports(tiny_recipe, tmp_path, capsys):
 
 
 def test_sweep_local_and_agent(tiny_recipe, tmp_path):
-    sweep = {"program": "msae_cli.py", "method": "grid",
+    sweep = {"program": "msae_ext/cli/__main__.py", "method": "grid",
              "metric": {"name": "eval/fvu", "goal": "minimize"},
              "parameters": {"lr": {"values": [1e-3, 3e-3]}, "weighting": {"value": "rw"}},
-             "command": ["${env}", "${interpreter}", "-m", "msae_cli", "sweep", "--agent", "x", "--recipe",
+             "command": ["${env}", "${interpreter}", "-m", "msae_ext.cli", "sweep", "--agent", "x", "--recipe",
                          tiny_recipe.name, "${args}"]}
     path = tiny_recipe.parent / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep))

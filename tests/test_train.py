@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from msae_ext.config import TrainConfig, load_config
+from msae_ext.config import ConfigError, TrainConfig, load_config
+from msae_ext.recipes import train_and_evaluate
 from msae_ext.store import EmbeddingDataError
 from msae_ext.train import (
     _Interrupt,
@@ -18,12 +19,21 @@ from msae_ext.train import (
     train,
 )
 
+#: the small-data option of each architecture
+SMALL = {"msae": {"k_min": 4}, "topk": {"k": 4}, "batchtopk": {"k": 4}, "relu": {}}
+
 
 def cfg(train_path, eval_path=None, **kw):
+    arch = kw.get("architecture", "msae")
     base = dict(train_data=str(train_path), eval_data=str(eval_path) if eval_path else None, expansion_factor=4,
-                k_min=4, k=4, batch_size=128, epochs=3, eval_every=0, checkpoint_every=5, eval_rows=300)
+                batch_size=128, epochs=3, eval_every=0, checkpoint_every=5, eval_rows=300, **SMALL[arch])
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_dict(base)
+
+
+def trained(c, out, **kw):
+    """train_and_evaluate's one result: the run, and its final held-out report when c has eval_data."""
+    return train_and_evaluate(c, out, progress=False, **kw)[0]
 
 
 def weights(out):
@@ -78,28 +88,40 @@ def test_schedules():
 def test_config_overrides_and_unknown_keys(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("architecture: topk\nk: 32\nwandb:\n  mode: offline\n")
-    c = load_config(p, ["k=128", "wandb.project=x", "k_list=[8, 16]", "soft_cap=null"])
-    assert (c.architecture, c.k, c.wandb.mode, c.wandb.project, c.k_list, c.soft_cap) == (
-        "topk", 128, "offline", "x", [8, 16], None)
+    c = load_config(p, ["k=128", "wandb.project=x", "soft_cap=null", "epochs=2"])
+    assert (c.architecture, c.options, c.wandb.mode, c.wandb.project, c.epochs) == (
+        "topk", {"k": 128, "soft_cap": None}, "offline", "x", 2)
     assert c.learning_rate == 5e-4  # the paper's TopK lr
-    with pytest.raises(ValueError, match="unknown config key"):
+    assert c.to_dict()["k"] == 128 and TrainConfig.from_dict(c.to_dict()) == c  # a flat mapping, round trip
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['learning_rate'\]"):
         load_config(None, ["learning_rate=1"])
+    # each architecture takes its own options only: k_list is the MSAE's, not TopK's
+    with pytest.raises(ConfigError, match=r"\['k_list'\].*options of architecture 'topk' \(\['aux_loss_coefficient', 'k'"):
+        load_config(p, ["k_list=[8, 16]"])
+    assert load_config(None, ["k_list=[8, 16]"]).options == {"k_list": [8, 16]}
     with pytest.raises(ValueError, match="unknown architecture"):
         load_config(None, ["architecture=gated"])
+    for bad, message in (("expansion_factor=0", "expansion_factor must be a positive integer, got 0"),
+                         ("d_sae=-5", "d_sae must be a positive integer, got -5"),
+                         ("batch_size=0", "batch_size must be >= 1"), ("lr=-1", "lr must be positive")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [bad])
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.yaml")
 
 
 @pytest.mark.parametrize("arch", ["msae", "topk", "batchtopk", "relu"])
 def test_training_step_keeps_unit_decoder_and_is_reproducible(tmp_path, embeddings, arch):
     train_path, eval_path, _ = embeddings
     c = cfg(train_path, eval_path, architecture=arch, epochs=1, soft_cap=5.0 if arch == "msae" else None)
-    a = train(c, tmp_path / "a", progress=False)
-    train(c, tmp_path / "b", progress=False)
+    a = trained(c, tmp_path / "a")
+    trained(c, tmp_path / "b")
     wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # same seed, same weights
     norms = wa["W_dec"].norm(dim=1)
     torch.testing.assert_close(norms, torch.ones_like(norms))
     assert a.steps == 2048 // 128
-    other = train(cfg(train_path, architecture=arch, epochs=1, seed=7), tmp_path / "c", progress=False)
+    other = trained(cfg(train_path, architecture=arch, epochs=1, seed=7), tmp_path / "c")
     assert not torch.equal(weights(tmp_path / "c")["W_dec"], wa["W_dec"])
     assert other.eval_report is None
     report = a.eval_report
@@ -108,12 +130,16 @@ def test_training_step_keeps_unit_decoder_and_is_reproducible(tmp_path, embeddin
 
 def test_training_reduces_loss(tmp_path, embeddings):
     train_path, eval_path, _ = embeddings
-    r = train(cfg(train_path, eval_path, epochs=6, lr=3e-3, eval_every=16), tmp_path / "r", progress=False)
+    r = trained(cfg(train_path, eval_path, epochs=6, lr=3e-3, eval_every=16, k_min=2), tmp_path / "r")
     evals = [json.loads(l) for l in (tmp_path / "r" / "training_log.jsonl").read_text().splitlines()]
     fvus = [e["fvu"] for e in evals if e["event"] == "eval"]
     assert len(fvus) == 6 and fvus[-1] < 0.5 * fvus[0]
-    assert any(e["event"] == "epoch_end" and "dead_latents_epoch" in e for e in evals)
     assert r.eval_report["fvu"] == pytest.approx(fvus[-1], rel=0.3)
+    # the training-time dead-latent count of the report is the last epoch's, as the log has it
+    dead = [e["dead_latents_epoch"] for e in evals if e["event"] == "epoch_end"]
+    assert len(dead) == 6 and r.eval_report["dead_neurons_train"] == dead[-1] < r.sae.cfg.d_sae
+    saved = json.loads((tmp_path / "r" / "cfg.json").read_text())["metadata"]
+    assert saved["dead_latents_train_last_epoch"] == dead[-1]
 
 
 def test_interrupted_run_resumes_to_identical_weights(tmp_path, embeddings):
@@ -136,16 +162,86 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, embeddings):
         train(cfg(train_path, epochs=3, checkpoint_every=5, k_min=8), tmp_path / "cut", progress=False)
 
 
-def test_bad_training_data_fails_before_training(tmp_path, embeddings):
-    train_path, _, x = embeddings
+def test_bad_inputs_fail_before_training(tmp_path, embeddings):
+    """NaN rows in the training or the held-out data, a held-out set of another width, options the
+    data's width rules out and a device the machine lacks are all refused before a step is taken."""
+    train_path, eval_path, x = embeddings
     bad = x[:512].copy()
     bad[[3, 9]] = np.nan
     np.save(tmp_path / "nan.npy", bad)
     with pytest.raises(EmbeddingDataError, match=r"2 row\(s\).*first is row 3"):
         train(cfg(tmp_path / "nan.npy"), tmp_path / "o", progress=False)
+    with pytest.raises(EmbeddingDataError, match=r"nan.npy: 2 row\(s\).*first is row 3"):
+        train(cfg(train_path, tmp_path / "nan.npy"), tmp_path / "o1", progress=False)
     np.save(tmp_path / "wide.npy", np.zeros((300, 17), np.float32))
     with pytest.raises(EmbeddingDataError, match="dimension 17, the SAE expects d_in=16"):
         train(cfg(train_path, tmp_path / "wide.npy"), tmp_path / "o2", progress=False)
+    with pytest.raises(ValueError, match=r"k must lie in \[1, d_sae=64\]"):
+        train(cfg(train_path, architecture="topk", k=100), tmp_path / "o3", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda': this machine has no CUDA device"):
+            train(cfg(train_path, device="cuda"), tmp_path / "o4", progress=False)
+    for out in ("o", "o1", "o2", "o3", "o4"):
+        assert not (tmp_path / out / "checkpoints").exists()
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_an_older_one(tmp_path, embeddings):
+    train_path, _, _ = embeddings
+    c = cfg(train_path, epochs=2, checkpoint_every=5)
+    train(c, tmp_path / "full", progress=False)
+    with pytest.raises(_Interrupt):
+        train(c, tmp_path / "cut", progress=False, stop_after_steps=12)
+    latest = latest_checkpoint(tmp_path / "cut")
+    assert latest.name == "step_000000010"
+    weights_file = latest / "sae_weights.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:100])  # truncated
+    with pytest.warns(UserWarning, match="step_000000010 cannot be read.*trying an older one"):
+        resumed = train(c, tmp_path / "cut", progress=False)
+    assert resumed.resumed_from.name == "step_000000005"
+    wf, wc = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert all(torch.equal(wf[k], wc[k]) for k in wf)
+
+
+def test_rerunning_a_finished_run_keeps_its_folder(tmp_path, embeddings):
+    """Statistics attached after training (`msae stats`) survive the same `msae train` run again."""
+    from msae_ext.normalization import attach_stats_to_folder, compute_stats
+    from msae_ext.store import open_embeddings
+
+    train_path, eval_path, _ = embeddings
+    c = cfg(train_path, eval_path, epochs=1)
+    first = trained(c, tmp_path / "r")
+    attach_stats_to_folder(tmp_path / "r", "text", compute_stats(open_embeddings(eval_path)))
+    before = (tmp_path / "r" / "cfg.json").read_text()
+    again = trained(c, tmp_path / "r")
+    assert again.steps == first.steps and again.eval_report == json.loads((tmp_path / "r" / "eval.json").read_text())
+    assert (tmp_path / "r" / "cfg.json").read_text() == before
+    # a run trained afresh into the folder keeps the other modality's statistics too
+    trained(c, tmp_path / "r", resume=False)
+    metadata = json.loads((tmp_path / "r" / "cfg.json").read_text())["metadata"]
+    assert set(metadata["msae_normalization"]) == {"image", "text"}
+
+
+def test_the_trainer_override_relies_on_sae_lens_calling_train_step():
+    """PaperTrainer overrides sae-lens's private `_train_step`: `SAETrainer.step` must hand it the SAE
+    and the batch and return what it returns."""
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    calls = []
+
+    class Recording(SAETrainer):
+        def _train_step(self, sae, sae_in):
+            calls.append((sae, sae_in))
+            return "output"
+
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=4, d_sae=8, k=2))
+    rec = Recording(SAETrainerConfig(total_training_samples=8, train_batch_size_samples=4, lr=1e-3, lr_end=0.0,
+                                     device="cpu", logger=LoggingConfig(log_to_wandb=False)), sae, iter(()))
+    batch = torch.randn(4, 4)
+    assert rec.step(batch) == "output"
+    assert calls[0][0] is sae and torch.equal(calls[0][1], batch) and rec.n_training_samples == 4
 
 
 def test_wandb_offline_needs_no_network(tmp_path, embeddings, monkeypatch):
@@ -160,10 +256,11 @@ def test_wandb_offline_needs_no_network(tmp_path, embeddings, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_training_and_evaluation_on_cuda(tmp_path, embeddings):
-    from msae_ext.evaluate import evaluate_sae, load_sae
+    from msae_ext.evaluate import evaluate_sae
+    from msae_ext.loading import load_sae
 
     train_path, eval_path, x = embeddings
-    r = train(cfg(train_path, eval_path, epochs=1, device="cuda", eval_every=8), tmp_path / "g", progress=False)
+    r = trained(cfg(train_path, eval_path, epochs=1, device="cuda", eval_every=8), tmp_path / "g")
     labels = (x[2048:, 0] > np.median(x[2048:, 0])).astype(np.int64)
     sae = load_sae(tmp_path / "g", device="cuda")
     report = evaluate_sae(sae, str(eval_path), labels=labels)

@@ -30,11 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..fileio import fsync_dir, write_text_atomic
-from ..store import MANIFEST
+from ..fileio import FileFormatError, fsync_dir, load_npy, write_text_atomic
 from .clip import LoadedClip
 from .datasets import Items
 
+MANIFEST = "manifest.json"  # read by msae_ext.store as a sharded embedding source
 STATE = "embed_state.json"
 FORMAT = "msae-embeddings"
 MODALITIES = ("image", "text")
@@ -159,6 +159,14 @@ def _check_state(out: Path, state: dict[str, Any], resume: bool) -> None:
         if diff:
             detail = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise EmbedError(f"{out} was started with other settings ({detail}); use another --out to embed anew")
+
+
+def default_device(device: str | None = None) -> str:
+    """`device`, or cuda when torch sees one (under torchrun this process's GPU), else cpu."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    return device
 
 
 def embed_dataset(
@@ -327,9 +335,9 @@ def load_embeddings(directory: str | Path, verify: bool = False) -> Embeddings:
         if verify and _sha256(npy) != entry["sha256"]:
             raise EmbedError(f"{npy}: checksum differs from the manifest; the file is corrupt")
         try:
-            m = np.load(npy, mmap_mode="r")
-        except ValueError as e:
-            raise EmbedError(f"{npy}: unreadable or truncated: {e}") from e
+            m = load_npy(npy, mmap_mode="r")
+        except FileFormatError as e:
+            raise EmbedError(str(e)) from None
         if m.shape[0] != entry["n_rows"]:
             raise EmbedError(f"{npy}: manifest says {entry['n_rows']} rows, file has {m.shape[0]}")
         mats.append(m)

@@ -10,17 +10,25 @@
 """
 
 from .bias import LogisticProbe, bias_analysis, counterfactual_curve, train_logistic_probe
-from .concepts import ConceptError, ConceptTable, embed_vocabulary, name_concepts, read_vocab_embeddings
+from .concepts import ConceptError, ConceptTable, embed_vocabulary, name_concepts, read_vocab_embeddings, resolve_neurons
 from .examples import save_example_grids, top_activating
 from .rows import RowSet, open_rows
-from .search import parse_steer, search_clip, search_sae, shared_concepts, similarity_search
-from .space import ConceptSpace, Edit
+from .search import (
+    parse_steer,
+    parse_steering,
+    query_embedding,
+    search_clip,
+    search_sae,
+    shared_concepts,
+    similarity_search,
+)
+from .space import ConceptSpace, Edit, open_space
 from .vocab import build_wordfreq_vocabulary, default_vocabulary_path, load_vocabulary
 
 __all__ = [
     "ConceptError", "ConceptSpace", "ConceptTable", "Edit", "LogisticProbe", "RowSet", "bias_analysis",
     "build_wordfreq_vocabulary", "counterfactual_curve", "default_vocabulary_path", "embed_vocabulary",
-    "load_vocabulary", "name_concepts", "open_rows", "parse_steer", "read_vocab_embeddings",
-    "save_example_grids", "search_clip", "search_sae", "shared_concepts", "similarity_search",
-    "top_activating", "train_logistic_probe",
+    "load_vocabulary", "name_concepts", "open_rows", "open_space", "parse_steer", "parse_steering",
+    "query_embedding", "read_vocab_embeddings", "resolve_neurons", "save_example_grids", "search_clip",
+    "search_sae", "shared_concepts", "similarity_search", "top_activating", "train_logistic_probe",
 ]

@@ -252,3 +252,17 @@ class ConceptTable:
             return int(self._word_best[name])
         raise ConceptError(f"{name!r} is neither a neuron index nor a word of {self.source}'s vocabulary")
 
+
+
+def resolve_neurons(names: list[str], table: ConceptTable | None) -> list[int]:
+    """Neuron indices from concept words (which need a concepts table) or '#123' / '123'."""
+    out = []
+    for name in names:
+        if table is not None:
+            out.append(table.resolve(name))
+        elif name.strip().lstrip("#").isdigit():
+            out.append(int(name.strip().lstrip("#")))
+        else:
+            raise ConceptError(f"{name!r}: naming a concept by word needs a concepts file (`msae concepts`); "
+                               "or give a neuron as #INDEX")
+    return out

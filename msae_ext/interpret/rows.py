@@ -117,7 +117,7 @@ def open_rows(spec: str | Path, captions: str | Path | None = None, labels: str 
             raise ValueError(f"{captions}: {len(lines)} lines for {source.n_rows} embedding rows")
         rows.captions = lines
     if labels is not None:
-        from ..evaluate import load_labels
+        from ..loading import load_labels
 
         lab = load_labels(labels)
         if len(lab) != source.n_rows:

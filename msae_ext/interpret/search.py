@@ -152,6 +152,52 @@ def similarity_search(rows: RowSet, query: torch.Tensor | np.ndarray, *, space: 
     return result
 
 
+def parse_steering(specs: list[str], table: ConceptTable | None) -> list[list[Edit]]:
+    """Steered searches from specs such as ['germany=20,30', 'police=+5']: one search per value
+    position, every spec acting together in each ('police' the same in both searches here)."""
+    parsed = []
+    for spec in specs:
+        name, _, values = spec.partition("=")
+        parsed.append([parse_steer(f"{name}={v}", table) for v in values.split(",")] if values else [parse_steer(spec, table)])
+    n = max((len(p) for p in parsed), default=0)
+    if any(len(p) not in (1, n) for p in parsed):
+        raise ValueError(f"steering value lists must have the same length (or a single value): {specs}")
+    return [[p[min(i, len(p) - 1)] for p in parsed] for i in range(n)]
+
+
+def query_embedding(rows: RowSet, *, row: int | None = None, id: str | None = None, embedding: str | None = None,
+                    image: str | None = None, text: str | None = None, clip: Any = None) -> tuple[np.ndarray, dict]:
+    """One query as a raw CLIP embedding, and how to describe it: a row of `rows` (by number or
+    id), FILE.npy[:ROW] (a raw embedding), or an image or a text through `clip` (a LoadedClip)."""
+    given = [k for k, v in dict(row=row, id=id, embedding=embedding, image=image, text=text).items() if v is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one query: a row, an id, an embedding file, an image or a text")
+    if id is not None:
+        if id not in rows.ids:
+            raise ValueError(f"no row with id {id!r} in {rows.source.description}")
+        row = rows.ids.index(id)
+    if row is not None:
+        if not 0 <= row < rows.n_rows:
+            raise ValueError(f"query row {row}: the index has {rows.n_rows} rows")
+        return rows.source.read(row, row + 1)[0], rows.describe(row)
+    if embedding is not None:
+        from ..fileio import load_npy
+
+        path, _, r = embedding.partition(":")
+        m = load_npy(path)
+        vec = m[int(r or 0)] if m.ndim == 2 else m
+        return np.asarray(vec, np.float32), {"embedding": embedding}
+    if clip is None:
+        raise ValueError("an image or text query needs a CLIP model (--clip MODEL --pretrained TAG: the index's)")
+    from ..embed.extract import encode_images, encode_texts
+
+    if text is not None:
+        return encode_texts(clip, [text])[0], {"text": text}
+    from PIL import Image
+
+    return encode_images(clip, clip.preprocess(Image.open(image).convert("RGB"))[None])[0], {"image": image}
+
+
 def parse_steer(spec: str, table: ConceptTable | None) -> Edit:
     """'CONCEPT=VALUE' sets a magnitude, 'CONCEPT=+VALUE' / '=-VALUE' raises / lowers it. CONCEPT is a
     word of the concepts file or a neuron index ('#123')."""

@@ -12,7 +12,8 @@ paper decodes z' alone; `error_term=False` gives that.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -115,3 +116,17 @@ def apply_edits(z: torch.Tensor, edits: list[Edit], d_sae: int) -> torch.Tensor:
             z[:, e.index] += e.value
     return z
 
+
+
+def open_space(sae: str | Path, modality: str | None = None, concepts: str | Path | None = None,
+               device: str = "cpu") -> tuple[ConceptSpace, Any]:
+    """An SAE folder as a ConceptSpace (in `modality`, by default its training modality) and its
+    concepts.json as a ConceptTable (None without one), checked against each other."""
+    from ..loading import load_sae
+    from .concepts import ConceptError, ConceptTable
+
+    loaded = load_sae(sae, device=device)
+    table = ConceptTable.load(concepts) if concepts else None
+    if table is not None and len(table.neurons) != loaded.cfg.d_sae:
+        raise ConceptError(f"{concepts} names {len(table.neurons)} neurons, the SAE has {loaded.cfg.d_sae}")
+    return ConceptSpace(loaded, modality or loaded.cfg.metadata.get("modality") or "image"), table

@@ -34,7 +34,7 @@ def sae_id_for(cfg: dict[str, Any], modality: str) -> str:
 
 
 def _stage_one(sae_dir: Path, out: Path, modality: str | None, fmt: str) -> dict[str, Any]:
-    from ..evaluate import load_sae
+    from ..loading import load_sae
     from ..export import export_standard
 
     cfg = json.loads((sae_dir / "cfg.json").read_text())

@@ -91,3 +91,6 @@ class SAE(_SaeLensSAE):  # type: ignore[misc]
                 f"({type(e).__name__}). Loading needs the network once (or HF_HUB_OFFLINE unset), and the repo "
                 f"{repo} must have been filled by `msae publish`."
             ) from e
+
+
+register_releases()
