@@ -1,16 +1,13 @@
-"""benchmarks/profile_step.py: the profiler's view of one training step (the CPU kernels labelled)."""
+"""benchmarks/: the step benchmark's methods and the profiler's view of one training step."""
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
-
-from msae_ext.architectures import cpu_kernels
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -34,7 +31,7 @@ def _rows(text: str) -> dict[str, list[float]]:
     return out
 
 
-@pytest.mark.parametrize("method", ["msae_fused", "topk_k64"])
+@pytest.mark.parametrize("method", ["msae", "topk_k64"])
 def test_profile_step_reports_phases_and_ops(method, capsys):
     _module("profile_step").main(["--method", method, "--shape", "32:256", "--batch", "64",
                                   "--warmup", "1", "--steps", "2", "--top", "40"])
@@ -53,12 +50,8 @@ def test_profile_step_reports_phases_and_ops(method, capsys):
     assert sum(r[0] for r in listed) <= calls and sum(r[1] for r in listed) <= total + 0.01 * len(listed)
     assert total <= step_ms * 1.05
     assert abs(listed[0][2] - 100 * listed[0][1] / total) < 0.2 + 100 * 0.01 / total  # the share column
-    if method == "msae_fused" and cpu_kernels.segment_kernels() is not None:
-        # the compiled kernels are visible, once a step each, under their own names
-        assert ops["msae_ext::nested_select"][0] == 1.0
-        assert any(name.startswith("msae_ext::segments") for name in ops)
-    if method == "topk_k64":
-        assert not any(name.startswith("msae_ext::") for name in ops)
+    if method == "msae":  # one top-k a step: the one selection the levels share
+        assert ops["aten::topk"][0] == 1.0
 
 
 def test_profile_step_names_bad_arguments(capsys):
@@ -71,69 +64,25 @@ def test_profile_step_names_bad_arguments(capsys):
             module.main(["--device", "cuda", "--shape", "32:256", "--batch", "8"])
 
 
-def test_labelled_kernels_compute_the_same():
-    """The profiler label wraps the call and nothing else: same outputs, same function names."""
-    kernels = cpu_kernels.segment_kernels()
-    if kernels is None:
-        pytest.skip("the CPU segment kernels are not built here")
-    pre = torch.randn(37, 300)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        n_pos, has_nan = kernels.count_positive(pre)
-    raw_n, raw_nan = kernels.module.count_positive(pre)
-    assert torch.equal(n_pos, raw_n) and has_nan == raw_nan
-    assert torch.equal(n_pos, (pre > 0).sum(1, dtype=torch.int32))
-    assert kernels.count_positive.__name__ == "count_positive"
-    assert "msae_ext::count_positive" in {e.key for e in prof.key_averages()}
+def test_train_step_builds_every_method_and_prints_the_ratios(capsys, monkeypatch):
+    """benchmarks/train_step.py on a tiny shape: every method's step runs (in this process: the
+    script's child processes would each import sae-lens anew), and the table and the ratios print
+    with their targets."""
+    import argparse
 
+    module = _module("train_step")
 
-def test_traffic_mode_counts_hand_computed_bytes():
-    """The traffic model on ops whose bytes are known: an elementwise op reads and writes its
-    tensors, a view moves nothing, a gather reads as many source elements as it writes, an in-place
-    scatter reads and writes its source's count, a factory reads nothing, a GEMM its operands."""
-    module = _module("profile_step")
-    a, b = torch.randn(100, 10), torch.randn(10, 5)
-    idx = torch.randint(0, 10, (100, 3))
-    src = torch.randn(100, 3)
-    with module.traffic_mode() as t:
-        c = a + 1.0                       # read 4000, write 4000
-        a.t()                             # a view: nothing
-        a.gather(1, idx)                  # read 1200 of a and 2400 of idx, write 1200
-        z = torch.zeros_like(a)           # write 4000
-        z.scatter_(1, idx, src)           # read 1200 (src) + 2400 (idx) + 1200 (old values), write 1200
-        c @ b                             # read 4000 + 200, write 2000
-    ops = {name: tuple(v) for name, v in t.ops.items()}
-    assert ops["add"] == (1, 4000, 4000)
-    assert "t" not in ops and "transpose" not in ops
-    assert ops["gather"] == (1, 1200 + 2400, 1200)
-    assert ops["zeros_like"] == (1, 0, 4000)
-    assert ops["scatter_"] == (1, 1200 + 2400 + 1200, 1200)
-    assert ops["mm"] == (1, 4200, 2000)
+    def in_process(method, d_in, d_sae, args, repeats, env=None):
+        child = argparse.Namespace(**{**vars(args), "method": method, "d_in": d_in, "d_sae": d_sae})
+        step, active = module.prepare(child)
+        step()
+        return {"ms": 1.0 + module.METHODS.index(method), "peak_bytes": 1 << 20, "active": active}
 
-
-def test_profile_step_traffic_counts_a_steps_gemms(capsys, monkeypatch):
-    """--traffic over one step of the GPU's code path: sae-lens TopK's six GEMMs, and the fused
-    MSAE's, with every rank segment dense, two for the encoder, three for the full level and for
-    each dense segment (its backward two by blocks of rows), and one (1, d_sae) x (d_sae, d_in)
-    product for b_dec's gradient
-    (`CenteredEncode`); the compiled kernels are off only while it runs."""
-    from msae_ext.architectures import nested_topk
-
-    monkeypatch.setattr(nested_topk, "DENSE_DECODE_FRACTION", dict(nested_topk.DENSE_DECODE_FRACTION))
-    monkeypatch.delenv(cpu_kernels.ENV, raising=False)
-    module = _module("profile_step")
-    gemms = {}
-    for method in ("topk_k64", "msae_fused"):
-        module.main(["--traffic", "--method", method, "--shape", "32:256", "--batch", "64", "--warmup", "1",
-                     "--top", "60", "--dense-fraction", "0"])
-        out = capsys.readouterr().out
-        rows = _rows(out)
-        gemms[method] = sum(rows[name][0] for name in ("mm", "addmm", "addmm_") if name in rows)
-        total = float(re.search(r"total ([\d.]+) buffers", out).group(1))
-        assert total > 0 and "CPU segment kernels off" in out
-    assert cpu_kernels.ENV not in os.environ  # restored
-    assert gemms["topk_k64"] == 6
-    # 256 latents, k-list 64, 128, 256 (k_min 64): at 0.5 active the levels 64 and 128 are partial,
-    # two dense rank segments, and the full level is the GEMM; in float32 a dense segment's two
-    # backward GEMMs go by blocks of rows
-    blocks = nested_topk.DENSE_BACKWARD_BLOCKS
-    assert gemms["msae_fused"] == 2 + 2 * (1 + 2 * blocks) + 3 + 1
+    monkeypatch.setattr(module, "run_child", in_process)
+    module.main(["--shapes", "16:128", "--batch", "32"])
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"^\| (\w+) \| ([\d.]+) \|", out, re.M))
+    assert set(rows) == set(module.METHODS)
+    assert re.search(r"msae / sae-lens TopK\s+0.20\s+target <= 2.0", out)  # 1 ms / 5 ms
+    assert re.search(r"reference / msae \(speed-up\)\s+2.00\s+target >= 2", out)
+    assert re.search(r"msae peak / reference peak\s+1.00\s+target <= 1", out)

@@ -13,15 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from msae_cli import main
+from msae_ext.cli import main
 
 REPORT_KEYS = {"l0_sparsity", "l0_active", "fvu", "evr", "cos_sim", "cknna", "decoder_orthogonality",
                "dead_neurons", "n_samples"}
 
 
 def write_config(path: Path, train: Path, evalx: Path, **extra) -> Path:
-    lines = [f"train_data: {train}", f"eval_data: {evalx}", "expansion_factor: 4", "k_min: 4", "batch_size: 128",
-             "epochs: 2", "eval_every: 0", "checkpoint_every: 4"]
+    """A small run; an MSAE with k_min 4 unless `extra` names another architecture (and its options)."""
+    lines = [f"train_data: {train}", f"eval_data: {evalx}", "expansion_factor: 4", "batch_size: 128",
+             "epochs: 2", "eval_every: 0", "checkpoint_every: 4"] + ([] if "architecture" in extra else ["k_min: 4"])
     lines += [f"{k}: {v}" for k, v in extra.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -32,8 +33,8 @@ def test_train_eval_report_export(tmp_path, embeddings, capsys):
     train, evalx, x = embeddings
     config = write_config(tmp_path / "run.yaml", train, evalx)
     assert main(["train", str(config), "--set", "weighting=uw", "--out", str(tmp_path / "uw"), "--no-progress"]) == 0
-    assert main(["train", str(config), "--set", "architecture=topk", "--set", "k=4",
-                 "--out", str(tmp_path / "topk"), "--no-progress"]) == 0
+    topk_config = write_config(tmp_path / "topk.yaml", train, evalx, architecture="topk", k=4)
+    assert main(["train", str(topk_config), "--out", str(tmp_path / "topk"), "--no-progress"]) == 0
     labels = tmp_path / "labels.npy"
     np.save(labels, (x[2048:, 0] > np.median(x[2048:, 0])).astype(np.int64))
     assert main(["eval", "--sae", str(tmp_path / "uw"), "--data", str(evalx), "--labels", str(labels),
@@ -46,7 +47,8 @@ def test_train_eval_report_export(tmp_path, embeddings, capsys):
                  "--out", str(tmp_path / "topk.json")]) == 0
     topk = json.loads((tmp_path / "topk.json").read_text())
     assert topk["native"]["l0_active"] <= 4 < topk["l0_active"]  # top-k kept vs removed
-    capsys.readouterr()
+    printed = capsys.readouterr().out  # both protocols' summaries, not only the first
+    assert "paper protocol:" in printed and "native protocol:" in printed
     assert main(["report", str(tmp_path / "uw.json"), str(tmp_path / "topk.json"), "--names", "MSAE (UW)",
                  "TopK", "--out", str(tmp_path / "rep")]) == 0
     table = capsys.readouterr().out
@@ -56,7 +58,7 @@ def test_train_eval_report_export(tmp_path, embeddings, capsys):
     # export: a plain sae-lens `standard` SAE taking raw embeddings, loaded without msae_ext
     assert main(["export", "--sae", str(tmp_path / "uw"), "--format", "standard", "--modality", "image",
                  "--out", str(tmp_path / "std")]) == 0
-    from msae_ext.evaluate import load_sae
+    from msae_ext.loading import load_sae
     from msae_ext.normalization import get_stats
 
     sae = load_sae(tmp_path / "uw")
@@ -101,12 +103,62 @@ def test_cli_errors_are_clear(tmp_path, embeddings, capsys):
     assert "no 'text' normalisation statistics" in capsys.readouterr().err
     assert main(["train", str(config), "--set", "architecture=jumprelu", "--out", str(tmp_path / "x")]) == 2
     assert "unknown architecture 'jumprelu'" in capsys.readouterr().err
-    assert main(["export", "--sae", str(tmp_path / "nothing"), "--modality", "image", "--out", str(tmp_path / "e")]) == 2
+    # a missing path is reported by the parser itself, before anything is imported
+    for argv, message in ((["export", "--sae", str(tmp_path / "nothing"), "--modality", "image", "--out", "e"],
+                           "nothing: no such SAE folder"),
+                          (["eval", "--sae", str(tmp_path / "m"), "--data", str(tmp_path / "none.npy"), "--out", "r"],
+                           "none.npy: no such file or directory"),
+                          (["train", str(tmp_path / "none.yaml"), "--out", "o"], "none.yaml: no such file")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    # damaged files name the file and what is wrong with it
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "cfg.json").write_text("{not json")
+    (tmp_path / "broken" / "sae_weights.safetensors").write_bytes(b"")
+    assert main(["eval", "--sae", str(tmp_path / "broken"), "--data", str(evalx), "--out", "r"]) == 2
+    assert "broken/cfg.json: not valid JSON" in capsys.readouterr().err
+    (tmp_path / "truncated").mkdir()
+    (tmp_path / "truncated" / "cfg.json").write_text((tmp_path / "m" / "cfg.json").read_text())
+    (tmp_path / "truncated" / "sae_weights.safetensors").write_bytes(
+        (tmp_path / "m" / "sae_weights.safetensors").read_bytes()[:200])
+    assert main(["eval", "--sae", str(tmp_path / "truncated"), "--data", str(evalx), "--out", "r"]) == 2
+    assert "truncated/sae_weights.safetensors: not a readable safetensors file" in capsys.readouterr().err
+    (tmp_path / "labels.npy").write_text("0\n1\n")  # a text file named .npy is not pickled data
+    assert main(["eval", "--sae", str(tmp_path / "m"), "--data", str(evalx), "--labels", str(tmp_path / "labels.npy"),
+                 "--out", "r"]) == 2
+    err = capsys.readouterr().err
+    assert "labels.npy: not an .npy file (it starts with b'0\\n1\\n')" in err and "pickle" not in err
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert main(["eval", "--sae", str(tmp_path / "m"), "--data", str(evalx), "--labels", str(tmp_path / "objects.npy"),
+                 "--out", "r"]) == 2
+    assert "objects.npy: an array of Python objects, which would run code when loaded" in capsys.readouterr().err
+
+
+def test_import_is_light_and_registers_with_sae_lens_in_either_order(tmp_path, embeddings):
+    """`import msae_ext` imports neither sae-lens nor torch; the architectures are registered when
+    sae-lens is imported afterwards, or at once when it already was."""
+    registered = textwrap.dedent("""
+        import sys
+        from sae_lens.registry import SAE_CLASS_REGISTRY
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+        assert {"msae", "msae_relu", "msae_topk", "msae_batchtopk"} <= set(SAE_CLASS_REGISTRY)
+        assert "msae-clip-vitl14-rw" in get_pretrained_saes_directory()
+        assert "open_clip" not in sys.modules
+    """)
+    light = textwrap.dedent("""
+        import sys
+        import msae_ext
+        heavy = [m for m in ("sae_lens", "torch", "open_clip", "transformers", "wandb") if m in sys.modules]
+        assert not heavy, heavy
+    """)
+    subprocess.run([sys.executable, "-c", light + registered], check=True)
+    subprocess.run([sys.executable, "-c", "import sae_lens, msae_ext\n" + registered], check=True)
 
 
 def test_help_is_fast_and_lists_commands():
     t = time.time()
-    out = subprocess.run([sys.executable, "-m", "msae_cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "msae_ext.cli", "--help"], capture_output=True, text=True, check=True)
     assert time.time() - t < 5
     for cmd in ("train", "eval", "report", "export", "demo"):
         assert cmd in out.stdout
@@ -122,7 +174,7 @@ def test_killed_process_resumes_to_the_same_weights(tmp_path, embeddings):
     np.save(tmp_path / "big.npy", big)
     config = write_config(tmp_path / "run.yaml", tmp_path / "big.npy", evalx, epochs=3, final_eval="false",
                           checkpoint_every=8)
-    cmd = [sys.executable, "-m", "msae_cli", "train", str(config), "--out", str(tmp_path / "killed"), "--no-progress"]
+    cmd = [sys.executable, "-m", "msae_ext.cli", "train", str(config), "--out", str(tmp_path / "killed"), "--no-progress"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = tmp_path / "killed" / "checkpoints"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import msae_cli
+import msae_ext.cli as msae_cli
 from msae_ext.architectures import PaperSAE
 from msae_ext.architectures.msae import MSAEConfig
 from msae_ext.interpret import (

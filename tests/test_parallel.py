@@ -108,7 +108,7 @@ def test_resident_data_path_trains_the_same_weights(tmp_path, embeddings):
 
 def _torchrun(config, out, nproc=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "msae_cli", "train", str(config), "--out", str(out), "--no-progress"]
+           "-m", "msae_ext.cli", "train", str(config), "--out", str(out), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return cmd, env
 

@@ -1,0 +1,56 @@
+"""Argument types shared by the command groups: checked at parse time, before any heavy import."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def existing(path: str) -> str:
+    """A file or folder that must exist."""
+    if not Path(path).exists():
+        raise argparse.ArgumentTypeError(f"{path}: no such file or directory")
+    return path
+
+
+def existing_data(spec: str) -> str:
+    """An embedding spec (msae_ext.store): its path part must exist, unless it names a Hub dataset."""
+    if spec.startswith("hf://"):
+        return spec
+    path = spec.rpartition("#")[0] if "#" in spec else spec
+    existing(path)
+    return spec
+
+
+def sae_folder(path: str) -> str:
+    """A trained SAE folder: it must hold a cfg.json."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: no such SAE folder")
+    if not (folder / "cfg.json").is_file():
+        raise argparse.ArgumentTypeError(f"{path}: no cfg.json; pass the --out folder of `msae train` or an SAE folder")
+    return path
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def split_list(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def write_json(path: str | Path, data) -> Path:
+    from ..fileio import write_text_atomic
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(data, indent=1))
+    return path
