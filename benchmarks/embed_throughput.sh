@@ -27,7 +27,7 @@ du -sh "$d/imgs"
 for m in image text; do
   spec=$([ $m = image ] && echo "folder:$d/imgs" || echo "text:$d/caps.txt")
   t=$SECONDS
-  $py -m msae_cli embed --model ViT-L-14 --pretrained none --modality $m --dataset "$spec" --out "$d/out_$m" \
+  $py -m msae_ext.cli embed --model ViT-L-14 --pretrained none --modality $m --dataset "$spec" --out "$d/out_$m" \
     --batch-size 256 --num-workers "$workers" 2>&1 | tr '\r' '\n' | grep -E "item/s\]$|rows x" | tail -2
   echo "$m: wall $((SECONDS - t)) s including model build"
   du -sh "$d/out_$m"

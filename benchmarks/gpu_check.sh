@@ -67,11 +67,11 @@ np.save(sys.argv[1] + '/eval.npy', g.standard_normal((8192, 768), dtype=np.float
   common="--set train_data=$data/train.npy --set eval_data=$data/eval.npy --set device=$device --set epochs=2 --set eval_every=0 --set eval_rows=4096 --no-progress"
   for extra in "" "--set autocast=true" "--set autocast=true --set compile=true"; do
     echo "== msae train (msae 768->6144, batch 4096, 128 steps) $extra"
-    timed $py -m msae_cli train $common $extra --out "$data/run_$RANDOM" 2>&1 | tail -4
+    timed $py -m msae_ext.cli train $common $extra --out "$data/run_$RANDOM" 2>&1 | tail -4
   done
   echo "== msae train, 3 SAEs per pass (msae rw, msae uw, topk)"
-  timed $py -m msae_cli train $common --set 'saes=[{name: rw}, {name: uw, weighting: uw}, {name: topk, architecture: topk}]' --out "$data/multi" 2>&1 | tail -4
+  timed $py -m msae_ext.cli train $common --set 'saes=[{name: rw}, {name: uw, weighting: uw}, {name: topk, architecture: topk}]' --out "$data/multi" 2>&1 | tail -4
   echo "== torchrun --nproc_per_node 1 (NCCL)"
-  timed torchrun --standalone --no-python --nproc_per_node 1 $py -m msae_cli train $common --out "$data/ddp" 2>&1 | tail -4
+  timed torchrun --standalone --no-python --nproc_per_node 1 $py -m msae_ext.cli train $common --out "$data/ddp" 2>&1 | tail -4
   rm -rf "$data"
 fi
