@@ -207,20 +207,23 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return d
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config", error: type[ValueError] = ConfigError) -> dict[str, Any]:
+    """A YAML file that holds a mapping (an empty file is an empty one), or `error` saying why not."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: no such {what} file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise error(f"{path}: a {what} must be a YAML mapping")
+    return data or {}
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """A TrainConfig from a YAML file (or defaults when path is None) and key=value overrides."""
-    d: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such config file")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a config must be a YAML mapping")
-        d = loaded or {}
+    d = read_yaml_mapping(path) if path is not None else {}
     try:
         return TrainConfig.from_dict(apply_overrides(d, overrides or []))
     except TypeError as e:  # a value of the wrong shape for a dataclass field

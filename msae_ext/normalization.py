@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .fileio import write_text_atomic
-from .store import EmbeddingDataError, EmbeddingSource, iter_blocks, nonfinite_error, nonfinite_rows
+from .store import EmbeddingDataError, EmbeddingSource, finite_blocks, iter_blocks
 
 METADATA_KEY = "msae_normalization"
 #: where `msae export` keeps statistics it folded into the weights (never applied again)
@@ -69,16 +69,8 @@ def compute_stats(source: EmbeddingSource, block_rows: int = 65536) -> ModalityS
     The first pass also rejects NaN/inf rows, naming how many and the first index.
     """
     total = np.zeros(source.d_in, np.float64)
-    n_bad, first_bad = 0, None
-    for start, block in iter_blocks(source, block_rows):
-        bad = nonfinite_rows(block)
-        if bad.any():
-            n_bad += int(bad.sum())
-            first_bad = first_bad if first_bad is not None else start + int(np.argmax(bad))
-            continue
+    for _, block in finite_blocks(source, block_rows):
         total += block.sum(axis=0, dtype=np.float64)
-    if n_bad:
-        raise nonfinite_error(source.description, n_bad, first_bad)
     mean = total / source.n_rows
     norm_sum = 0.0
     for _, block in iter_blocks(source, block_rows):

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from .config import SHARED_KEYS, TrainConfig, all_option_keys, apply_overrides, runner_keys
+from .config import SHARED_KEYS, TrainConfig, all_option_keys, apply_overrides, read_yaml_mapping, runner_keys
 from .evaluate import evaluate_protocols, final_report
 from .fileio import write_text_atomic
 from .loading import load_labels, load_sae
@@ -50,15 +50,7 @@ class RecipeError(ValueError):
 
 
 def _yaml_mapping(path: Path, what: str) -> dict[str, Any]:
-    if not path.exists():
-        raise RecipeError(f"{path}: no such {what} file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a {what} must be a YAML mapping")
-    return data
+    return read_yaml_mapping(path, what, RecipeError)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[TrainConfig, dict[str, Any]]:

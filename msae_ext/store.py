@@ -275,16 +275,24 @@ def check_finite_block(block: np.ndarray, offset: int, description: str) -> None
         raise nonfinite_error(description, int(bad.sum()), offset + int(np.argmax(bad)))
 
 
-def check_finite(source: EmbeddingSource, block_rows: int = 65536) -> None:
-    """Raise, naming how many and the first, if any row of the source holds NaN or an infinity."""
+def finite_blocks(source: EmbeddingSource, block_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+    """`iter_blocks`, raising once every block has been read if any row held NaN or an infinity
+    (the error names how many and the first)."""
     n_bad, first = 0, None
     for start, block in iter_blocks(source, block_rows):
         bad = nonfinite_rows(block)
         if bad.any():
             n_bad += int(bad.sum())
             first = first if first is not None else start + int(np.argmax(bad))
+        yield start, block
     if n_bad:
         raise nonfinite_error(source.description, n_bad, first)  # type: ignore[arg-type]
+
+
+def check_finite(source: EmbeddingSource, block_rows: int = 65536) -> None:
+    """Raise if any row of the source holds NaN or an infinity (`finite_blocks`)."""
+    for _ in finite_blocks(source, block_rows):
+        pass
 
 
 def read_all(source: EmbeddingSource, rows: np.ndarray | None = None) -> np.ndarray:
