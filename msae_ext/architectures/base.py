@@ -195,7 +195,7 @@ class PaperTrainingSAE(TrainingSAE[PaperTrainingSAEConfig]):
         no gradient that way, so it is taken only when x needs none."""
         sae_in = self.process_sae_in(x)  # x - b_dec
         if torch.is_grad_enabled() and self.cfg.apply_b_dec_to_input and not x.requires_grad:
-            pre = sae_in.detach() @ self.W_enc + self.b_enc + (self.b_dec.detach() - self.b_dec) @ self.W_enc
+            pre = sae_in.detach() @ self.W_enc + (self.b_enc + (self.b_dec.detach() - self.b_dec) @ self.W_enc)
         else:
             pre = sae_in @ self.W_enc + self.b_enc
         return self.hook_sae_acts_pre(pre)

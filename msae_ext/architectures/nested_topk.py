@@ -105,7 +105,7 @@ def nested_topk_loss_reference(
 #: by a GEMM, per device type. On a CPU (two cores, 768 -> 6144 and 512 -> 16384, batch 4096,
 #: benchmarks/train_step.py) gathering pays up to about a tenth of the width. On a GPU a GEMM
 #: runs on tensor cores and a gather is bound by memory: every segment goes by GEMM there.
-GATHER_FRACTION = {"cpu": 1 / 20}
+GATHER_FRACTION = {"cpu": 1 / 10}
 
 
 def gather_width(device: torch.device, d_sae: int) -> float:
