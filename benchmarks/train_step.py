@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                        # batch 4096, 768 -> 6144, every method
     python benchmarks/train_step.py --active 0.2           # a trained SAE's density
     python benchmarks/train_step.py --compile              # the same steps under torch.compile
+    python benchmarks/train_step.py --rounds 3                 # each ratio the median of 3 interleaved rounds
     python benchmarks/train_step.py --device cuda --bf16 --shapes 768:6144,512:16384
 
 Each method runs in a child process of its own, so that its peak memory is its own:
@@ -29,6 +30,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -194,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--repeats", type=int, default=3, help="timed steps per method (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="steps before timing (compile happens here)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every method this many times, interleaved, and take each ratio's median over the "
+                        "rounds (a machine whose speed drifts hits both sides of a ratio alike)")
     p.add_argument("--active", type=float, default=0.5, help="fraction of positive pre-activations (0.5 = initialisation)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward pass")
@@ -217,20 +222,24 @@ def main(argv: list[str] | None = None) -> None:
           f"compile {args.compile}; active {args.active}; median of {args.repeats} steps after {args.warmup} warm-up")
     for shape in args.shapes.split(","):
         d_in, d_sae = (int(v) for v in shape.split(":"))
-        results = {m: run_child(m, d_in, d_sae, args, args.repeats) for m in methods}
+        rounds = [{m: run_child(m, d_in, d_sae, args, args.repeats) for m in methods} for _ in range(args.rounds)]
+        results = {m: {**rounds[0][m], "ms": statistics.median(r[m]["ms"] for r in rounds)} for m in methods}
         if not cuda:  # the peak in a child of its own, under a fixed mmap threshold (module docstring)
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
             for m in methods:
                 results[m]["peak_bytes"] = run_child(m, d_in, d_sae, args, 1, env)["peak_bytes"]
         print(f"\n## {d_in} -> {d_sae}, active fraction {results[methods[0]]['active']:.3f}")
-        print(f"| method | ms / step | peak MiB |\n|---|---:|---:|")
+        each = " | ms per round" if args.rounds > 1 else ""
+        print(f"| method | ms / step | peak MiB |{each}\n|---|---:|---:|" + ("---|" if each else ""))
         for m in methods:
-            print(f"| {m} | {results[m]['ms']:.0f} | {results[m]['peak_bytes'] / 2**20:.0f} |")
+            per_round = " | " + " ".join(f"{r[m]['ms']:.0f}" for r in rounds) if each else ""
+            print(f"| {m} | {results[m]['ms']:.0f} | {results[m]['peak_bytes'] / 2**20:.0f} |{per_round}")
         print()
         for a, b, name, target_init, target_trained in RATIOS:
             if a in results and b in results:
                 target = target_init if args.active >= 0.5 else target_trained
-                print(f"{name:<36}{results[a]['ms'] / results[b]['ms']:>7.2f}  {'target ' + target if target else ''}")
+                ratio = statistics.median(r[a]["ms"] / r[b]["ms"] for r in rounds)
+                print(f"{name:<36}{ratio:>7.2f}  {'target ' + target if target else ''}")
         if "msae" in results and "msae_reference" in results:
             print(f"{'msae peak / reference peak':<36}{results['msae']['peak_bytes'] / results['msae_reference']['peak_bytes']:>7.2f}"
                   "  target <= 1")

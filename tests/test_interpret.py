@@ -359,6 +359,11 @@ def test_search_cli(world, tmp_path, capsys):
     assert msae_cli.main(["search", "--index", str(tmp_path / "index.npy"), "--query-row", "3",
                           "--steer", "germany=20"]) == 2
     assert "need --sae" in capsys.readouterr().err
+    # figures need rows whose images are known: a plain matrix is refused, not silently ignored
+    assert msae_cli.main(["search", "--index", str(tmp_path / "index.npy"), "--query-row", "3",
+                          "--figures", str(tmp_path / "fig")]) == 2
+    assert "plain matrix whose rows' images are unknown" in capsys.readouterr().err
+    assert not (tmp_path / "fig").exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -157,6 +157,26 @@ def test_msae_run_trains_evaluates_and_reports(tiny_recipe, tmp_path, capsys):
     assert "not been trained yet" in capsys.readouterr().err
 
 
+def test_a_recipe_checks_its_evaluations_before_training(tiny_recipe, tmp_path, capsys):
+    """Bad evaluation data, labels that do not match it, or statistics data of another width stop
+    `msae run` before a step is trained."""
+    recipe = yaml.safe_load(tiny_recipe.read_text())
+    np.save(tmp_path / "wide.npy", np.zeros((50, 9), np.float32))
+    np.save(tmp_path / "short_labels.npy", np.zeros(7, np.int64))
+    cases = {
+        "data": ({"data": str(tmp_path / "wide.npy")}, "dimension 9, the SAE expects d_in=16"),
+        "labels": ({"labels": str(tmp_path / "short_labels.npy")}, "7 labels for 552 rows"),
+        "stats": ({"stats_data": str(tmp_path / "wide.npy")}, "dimension 9, the SAE expects d_in=16"),
+    }
+    for name, (change, message) in cases.items():
+        bad = {**recipe, "evaluate": [{**recipe["evaluate"][0], **change}]}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(bad))
+        assert msae_cli.main(["run", str(path), "--out", str(tmp_path / name), "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / name / "rw" / "checkpoints").exists()
+
+
 def test_sweep_local_and_agent(tiny_recipe, tmp_path):
     sweep = {"program": "msae_ext/cli/__main__.py", "method": "grid",
              "metric": {"name": "eval/fvu", "goal": "minimize"},
