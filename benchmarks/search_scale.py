@@ -1,4 +1,4 @@
-"""Similarity search at the scale the issue names: a million 768-d embeddings on one machine.
+"""Similarity search at a million 768-d embeddings on one machine.
 
 Writes N random float32 rows (N x d x 4 bytes: 3.1 GB for 1M x 768) to an .npy, then runs
 `msae_ext.interpret.search_clip` (memory-mapped, streamed in blocks) and, on the first

@@ -229,10 +229,11 @@ def main(argv: list[str] | None = None) -> None:
             for m in methods:
                 results[m]["peak_bytes"] = run_child(m, d_in, d_sae, args, 1, env)["peak_bytes"]
         print(f"\n## {d_in} -> {d_sae}, active fraction {results[methods[0]]['active']:.3f}")
-        each = " | ms per round" if args.rounds > 1 else ""
-        print(f"| method | ms / step | peak MiB |{each}\n|---|---:|---:|" + ("---|" if each else ""))
+        each = args.rounds > 1
+        print("| method | ms / step | peak MiB |" + (" ms per round |" if each else ""))
+        print("|---|---:|---:|" + ("---|" if each else ""))
         for m in methods:
-            per_round = " | " + " ".join(f"{r[m]['ms']:.0f}" for r in rounds) if each else ""
+            per_round = " " + " ".join(f"{r[m]['ms']:.0f}" for r in rounds) + " |" if each else ""
             print(f"| {m} | {results[m]['ms']:.0f} | {results[m]['peak_bytes'] / 2**20:.0f} |{per_round}")
         print()
         for a, b, name, target_init, target_trained in RATIOS:
