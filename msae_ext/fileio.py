@@ -62,3 +62,25 @@ def load_npy(path: str | Path, mmap_mode: str | None = None):
         raise FileFormatError(f"{path}: not a readable .npy file (corrupt or truncated?): {e}") from None
     except (OSError, EOFError) as e:
         raise FileFormatError(f"{path}: not a readable .npy file (corrupt or truncated?): {e}") from None
+
+
+def plain_name(name: str, what: str) -> str:
+    """`name` as one path component of a folder the user named (a file or subfolder name), or a
+    ValueError: no separators, no '..', nothing absolute, so nothing lands outside that folder."""
+    text = str(name)
+    if (not text or text in (".", "..") or "/" in text or "\\" in text or "\0" in text or text.startswith("~")
+            or Path(text).is_absolute()):
+        raise ValueError(f"{what} {text!r} must be a plain name (no path separators, no '..'): it names a "
+                         "file or folder inside the output folder")
+    return text
+
+
+def inside(base: Path, relative: str, what: str) -> Path:
+    """base / relative, refused when `relative` is absolute or climbs out of `base`."""
+    if Path(relative).is_absolute():
+        raise ValueError(f"{what} {relative!r} is an absolute path; it must be relative to {base}")
+    path = (base / relative).resolve()
+    root = base.resolve()
+    if path != root and root not in path.parents:
+        raise ValueError(f"{what} {relative!r} points outside {base}")
+    return path

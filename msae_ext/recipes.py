@@ -29,7 +29,7 @@ import yaml
 
 from .config import SHARED_KEYS, TrainConfig, all_option_keys, apply_overrides, read_yaml_mapping, runner_keys
 from .evaluate import evaluate_protocols, final_report
-from .fileio import write_text_atomic
+from .fileio import plain_name, write_text_atomic
 from .loading import load_labels, load_sae
 from .normalization import attach_stats_to_folder, compute_stats, get_stats
 from .report import write_report
@@ -65,6 +65,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[T
             raise RecipeError(f"{path}: evaluate[{i}] needs name and data; unknown keys {sorted(unknown)}")
         if entry.get("modality", "image") not in ("image", "text"):
             raise RecipeError(f"{path}: evaluate[{i}].modality must be image or text")
+        try:
+            plain_name(entry["name"], f"evaluate[{i}].name")
+        except ValueError as e:
+            raise RecipeError(f"{path}: {e}") from None
     try:
         cfg = TrainConfig.from_dict(raw)
     except (TypeError, ValueError) as e:

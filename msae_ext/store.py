@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .embed.extract import MANIFEST
-from .fileio import FileFormatError, load_npy
+from .fileio import FileFormatError, inside, load_npy
 
 
 class EmbeddingDataError(ValueError):
@@ -103,21 +103,30 @@ class ShardedSource:
     """
 
     def __init__(self, directory: Path):
+        where = directory / MANIFEST
         try:
-            manifest = json.loads((directory / MANIFEST).read_text())
-        except json.JSONDecodeError as e:
-            raise EmbeddingDataError(f"{directory / MANIFEST}: corrupt manifest: {e}") from e
+            manifest = json.loads(where.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EmbeddingDataError(f"{where}: corrupt manifest: {e}") from None
+        if not isinstance(manifest, dict):
+            raise EmbeddingDataError(f"{where}: corrupt manifest: not a JSON object")
         self.manifest = manifest
         shards = manifest.get("shards")
-        if not shards:
-            raise EmbeddingDataError(f"{directory / MANIFEST}: lists no shards")
+        if not shards or not isinstance(shards, list):
+            raise EmbeddingDataError(f"{where}: lists no shards")
         self._shards: list[EmbeddingSource] = []
-        for entry in shards:
-            shard = open_embeddings(str(directory / entry["file"]))
+        for i, entry in enumerate(shards):
+            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+                raise EmbeddingDataError(f"{where}: shards[{i}] has no 'file'")
+            try:
+                path = inside(directory, entry["file"], f"{where}: shards[{i}].file")
+            except ValueError as e:
+                raise EmbeddingDataError(str(e)) from None
+            if not path.is_file():  # a shard is one .npy or .safetensors file, never a folder (or this one)
+                raise EmbeddingDataError(f"{where}: shards[{i}].file {entry['file']!r} is not a file in {directory}")
+            shard = open_embeddings(str(path))
             if "n_rows" in entry and int(entry["n_rows"]) != shard.n_rows:
-                raise EmbeddingDataError(
-                    f"{directory / entry['file']}: manifest says {entry['n_rows']} rows, file has {shard.n_rows}"
-                )
+                raise EmbeddingDataError(f"{path}: manifest says {entry['n_rows']} rows, file has {shard.n_rows}")
             self._shards.append(shard)
         dims = {s.d_in for s in self._shards}
         if len(dims) != 1:

@@ -25,6 +25,7 @@ Output folder (`--out DIR`), loadable as it is with `SAE.load_from_disk(DIR)`:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -230,13 +231,30 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[0] if found else None
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read back whole (truncated, corrupt, or a pickle that
+    would run code: torch.load reads tensors only)."""
+
+
+@contextlib.contextmanager
+def _reading(file: Path):
+    try:
+        yield
+    except Exception as e:  # each reader raises its own kinds of error
+        raise CheckpointError(f"{file}: {type(e).__name__}: {e}") from None
+
+
 def load_checkpoint(path: Path, trainer: PaperTrainer, fired_epoch: torch.Tensor) -> RunState:
-    state = RunState(**json.loads((path / "run_state.json").read_text()))
-    trainer.sae.load_weights_from_checkpoint(path)
-    trainer.load_trainer_state(path)
-    extra = torch.load(path / "rng_state.pt", weights_only=True)
-    torch.set_rng_state(extra["torch"])
-    fired_epoch.copy_(extra["fired_epoch"])
+    with _reading(path / "run_state.json"):
+        state = RunState(**json.loads((path / "run_state.json").read_text()))
+    with _reading(path / "sae_weights.safetensors"):
+        trainer.sae.load_weights_from_checkpoint(path)
+    with _reading(path / "trainer_state.pt"):
+        trainer.load_trainer_state(path)
+    with _reading(path / "rng_state.pt"):
+        extra = torch.load(path / "rng_state.pt", weights_only=True)
+        torch.set_rng_state(extra["torch"])
+        fired_epoch.copy_(extra["fired_epoch"])
     return state
 
 
@@ -327,9 +345,8 @@ class _Member:
             try:
                 self.state = load_checkpoint(path, self.trainer, self.fired_epoch)
                 return path
-            except Exception as e:  # corrupt or truncated files raise many different errors
-                warnings.warn(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); trying an older one",
-                              stacklevel=2)
+            except CheckpointError as e:
+                warnings.warn(f"checkpoint {path.name} cannot be read ({e}); trying an older one", stacklevel=2)
         if checkpoints:
             raise RuntimeError(f"{self.out_dir}: no checkpoint can be read ({', '.join(p.name for p in checkpoints)}); "
                                "pass --no-resume to start the run afresh")

@@ -172,6 +172,13 @@ def test_publish_dry_run_tree_and_card(trained, tmp_path, capsys):
     assert msae_cli.main(["publish", "--sae", str(trained), str(trained), "--repo", "x/y", "--dry-run",
                           "--out", str(tmp_path / "dup")]) == 2
     assert "two SAEs would be published" in capsys.readouterr().err
+    assert not (tmp_path / "dup").exists()  # refused before anything was written
+    # an id is a folder of the release, never a path out of it
+    for bad in ("../../escaped", "a/b", "/abs", ".."):
+        assert msae_cli.main(["publish", "--sae", str(trained), "--repo", "x/y", "--dry-run", "--sae-id", bad,
+                              "--out", str(tmp_path / "deep" / "release")]) == 2
+        assert "must be a plain name" in capsys.readouterr().err
+    assert not (tmp_path / "deep").exists() and not (tmp_path / "escaped").exists()
 
 
 def test_registry_from_pretrained_round_trips_bit_for_bit(trained, tmp_path):

@@ -107,6 +107,9 @@ def test_bad_sweeps_and_recipes_are_named(tmp_path):
     bad.write_text("architecture: msae\nlearning_rate: 1\n")
     with pytest.raises(RecipeError, match="unknown config key"):
         load_recipe(bad)
+    bad.write_text("architecture: msae\nevaluate: [{name: ../../outside, data: x.npy}]\n")
+    with pytest.raises(RecipeError, match=r"evaluate\[0\].name '../../outside' must be a plain name"):
+        load_recipe(bad)
     assert agent_overrides(["--lr=0.001", "--k=64"]) == ["lr=0.001", "k=64"]
     with pytest.raises(RecipeError):
         agent_overrides(["lr"])

@@ -63,6 +63,35 @@ def test_shards_with_manifest_read_across_boundaries(tmp_path):
         open_embeddings(d)
 
 
+def test_a_manifest_reads_only_shard_files_inside_its_folder(tmp_path):
+    """Shard paths that are absolute, climb out of the cache, name a folder (the cache itself: a
+    manifest that points at itself), or are missing are each refused with the manifest and the shard."""
+    x = data(n=50)
+    outside = tmp_path / "outside.npy"
+    np.save(outside, x)
+    d = tmp_path / "cache"
+    (d / "sub").mkdir(parents=True)
+    np.save(d / "sub" / "ok.npy", x)
+    cases = {
+        str(outside): "is an absolute path",
+        "../outside.npy": "points outside",
+        ".": "is not a file",
+        "sub": "is not a file",
+    }
+    for file, message in cases.items():
+        (d / "manifest.json").write_text(json.dumps({"shards": [{"file": file}]}))
+        with pytest.raises(EmbeddingDataError, match=rf"manifest.json: shards\[0\].*{message}"):
+            open_embeddings(d)
+    (d / "manifest.json").write_text(json.dumps({"shards": [{"n_rows": 50}]}))
+    with pytest.raises(EmbeddingDataError, match=r"shards\[0\] has no 'file'"):
+        open_embeddings(d)
+    (d / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(EmbeddingDataError, match="not a JSON object"):
+        open_embeddings(d)
+    (d / "manifest.json").write_text(json.dumps({"shards": [{"file": "sub/ok.npy"}]}))
+    assert open_embeddings(d).n_rows == 50  # a shard in a subfolder of the cache is fine
+
+
 def test_parquet_and_saved_dataset_columns(tmp_path):
     import datasets
 

@@ -195,11 +195,32 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_an_older_one(tmp_path, embedd
     assert latest.name == "step_000000010"
     weights_file = latest / "sae_weights.safetensors"
     weights_file.write_bytes(weights_file.read_bytes()[:100])  # truncated
-    with pytest.warns(UserWarning, match="step_000000010 cannot be read.*trying an older one"):
+    with pytest.warns(UserWarning, match="step_000000010 cannot be read .*sae_weights.safetensors.*trying an older one"):
         resumed = train(c, tmp_path / "cut", progress=False)
     assert resumed.resumed_from.name == "step_000000005"
     wf, wc = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert all(torch.equal(wf[k], wc[k]) for k in wf)
+
+
+class _RunsCode:
+    """Unpickling this calls print: a stand-in for a pickle that runs code."""
+
+    def __reduce__(self):
+        return (print, ("this pickle ran code",))
+
+
+@pytest.mark.parametrize("planted", ["trainer_state.pt", "rng_state.pt"])
+def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path, embeddings, capsys, planted):
+    train_path, _, _ = embeddings
+    c = cfg(train_path, epochs=1, checkpoint_every=5)
+    with pytest.raises(_Interrupt):
+        train(c, tmp_path / "r", progress=False, stop_after_steps=6)
+    torch.save({"state": _RunsCode()}, latest_checkpoint(tmp_path / "r") / planted)
+    with pytest.warns(UserWarning, match=rf"step_000000005 cannot be read \(\S+/step_000000005/{planted}: "
+                                         r"UnpicklingError: Weights only load failed"):
+        with pytest.raises(RuntimeError, match="no checkpoint can be read"):
+            train(c, tmp_path / "r", progress=False)
+    assert "this pickle ran code" not in capsys.readouterr().out
 
 
 def test_rerunning_a_finished_run_keeps_its_folder(tmp_path, embeddings):

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from ..fileio import write_text_atomic
+from ..fileio import plain_name, write_text_atomic
 
 EVAL_COLUMNS = (("l0_sparsity", "L0 (frac. zeros)"), ("l0_active", "active latents"), ("fvu", "FVU"),
                 ("cos_sim", "CS"), ("cknna", "CKNNA"), ("dead_neurons", "NDN"))
@@ -142,21 +142,23 @@ def stage_release(sae_dirs: list[str | Path], repo: str, out: str | Path, *, sae
     """Write the repository tree (one folder per SAE + README.md) into `out`."""
     if sae_ids is not None and len(sae_ids) != len(sae_dirs):
         raise PublishError(f"{len(sae_ids)} --sae-id values for {len(sae_dirs)} SAEs")
+    for sae_id in sae_ids or []:
+        plain_name(sae_id, "--sae-id")
     if "/" not in repo or repo.count("/") != 1:
         raise PublishError(f"--repo {repo!r}: expected OWNER/NAME")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    entries: dict[str, dict[str, Any]] = {}
-    for i, d in enumerate(sae_dirs):
-        d = Path(d)
+    ids: dict[str, Path] = {}  # every id checked before anything is written
+    for i, d in enumerate(map(Path, sae_dirs)):
         if not (d / "cfg.json").exists():
             raise PublishError(f"{d}: no cfg.json; pass the --out folder of `msae train`")
         cfg = json.loads((d / "cfg.json").read_text())
         m = modality or (cfg.get("metadata") or {}).get("modality") or "image"
         sae_id = sae_ids[i] if sae_ids else sae_id_for(cfg, m)
-        if sae_id in entries:
+        if sae_id in ids:
             raise PublishError(f"two SAEs would be published as {sae_id!r}; give --sae-id for each")
-        entries[sae_id] = _stage_one(d, out / sae_id, modality, fmt)
+        ids[sae_id] = d
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = {sae_id: _stage_one(d, out / sae_id, modality, fmt) for sae_id, d in ids.items()}
     write_text_atomic(out / "README.md", model_card(repo, entries, title))
     (out / "msae_release.json").write_text(json.dumps(
         {"repo": repo, "saes": {k: {kk: v for kk, v in e.items() if kk in ("architecture", "d_in", "d_sae",
