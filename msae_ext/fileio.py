@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -84,3 +85,50 @@ def inside(base: Path, relative: str, what: str) -> Path:
     if path != root and root not in path.parents:
         raise ValueError(f"{what} {relative!r} points outside {base}")
     return path
+
+
+class FolderBusyError(ValueError):
+    """Another live process is writing the folder the user named."""
+
+
+LOCK_FILE = ".msae.lock"
+_held: dict[Path, tuple[object, int]] = {}  # folder -> (open lock file, depth): re-entrant in a process
+
+
+@contextlib.contextmanager
+def exclusive(folder: str | Path, what: str):
+    """Hold `folder` as its one writer while the block runs: a second process asking for it gets
+    FolderBusyError naming the holder's process. The lock is the kernel's (flock), so a killed
+    holder's lock is gone with it and the next run takes the folder over."""
+    import fcntl
+
+    folder = Path(folder).resolve()
+    if folder in _held:  # this process holds it already (a recipe run trains into its own folder)
+        f, depth = _held[folder]
+        _held[folder] = (f, depth + 1)
+        try:
+            yield
+        finally:
+            _held[folder] = (f, _held[folder][1] - 1)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise FolderBusyError(f"{folder} is being written by {holder}; wait for it to finish, or choose another "
+                              "folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} ({what})")
+    f.flush()
+    _held[folder] = (f, 1)
+    try:
+        yield
+    finally:
+        if _held[folder][1] <= 1:
+            del _held[folder]
+            f.close()  # releases the lock

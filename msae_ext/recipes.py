@@ -29,7 +29,7 @@ import yaml
 
 from .config import SHARED_KEYS, TrainConfig, all_option_keys, apply_overrides, read_yaml_mapping, runner_keys
 from .evaluate import evaluate_protocols, final_report
-from .fileio import plain_name, write_text_atomic
+from .fileio import exclusive, plain_name, write_text_atomic
 from .loading import load_labels, load_sae
 from .normalization import attach_stats_to_folder, compute_stats, get_stats
 from .report import write_report
@@ -149,6 +149,12 @@ def run_recipe(path: str | Path, out_dir: str | Path, overrides: list[str] | Non
     """Train the recipe's SAEs into out_dir, evaluate them, and write out_dir/report_NAME/."""
     cfg, extra = load_recipe(path, overrides)
     out_dir = Path(out_dir)
+    with exclusive(out_dir, "msae run"):
+        return _run_recipe(path, cfg, extra, out_dir, resume, progress, train)
+
+
+def _run_recipe(path: str | Path, cfg: TrainConfig, extra: dict[str, Any], out_dir: Path, resume: bool,
+                progress: bool, train: bool) -> dict[str, Any]:
     entries = extra.get("evaluate") or []
     if train:
         if cfg.train_data is None:

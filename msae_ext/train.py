@@ -48,7 +48,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 from .architectures import PaperTrainingSAE, architecture
 from .config import TrainConfig
 from .distributed import DistEnv, StepModule, all_reduce_, init_distributed
-from .fileio import fsync_dir, write_text_atomic
+from .fileio import exclusive, fsync_dir, write_text_atomic
 from .metrics import cosine_similarity, fvu, l0_active, l0_sparsity
 from .normalization import METADATA_KEY, ModalityStats, compute_stats, stats_to_metadata
 from .store import BatchStream, ResidentBatches, check_dimension, check_finite, fits_on_device, open_embeddings, read_all
@@ -231,7 +231,7 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[0] if found else None
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint file that cannot be read back whole (truncated, corrupt, or a pickle that
     would run code: torch.load reads tensors only)."""
 
@@ -348,7 +348,7 @@ class _Member:
             except CheckpointError as e:
                 warnings.warn(f"checkpoint {path.name} cannot be read ({e}); trying an older one", stacklevel=2)
         if checkpoints:
-            raise RuntimeError(f"{self.out_dir}: no checkpoint can be read ({', '.join(p.name for p in checkpoints)}); "
+            raise CheckpointError(f"{self.out_dir}: no checkpoint can be read ({', '.join(p.name for p in checkpoints)}); "
                                "pass --no-resume to start the run afresh")
         return None
 
@@ -439,6 +439,19 @@ def check_device(device: str) -> None:
         raise ValueError(f"device {device!r}: MPS is not available here; set device: cpu")
 
 
+def retire_checkpoints(folder: Path) -> None:
+    """Remove a run folder's checkpoints so that nothing can resume from them: renamed away first (one
+    atomic step), then deleted. Also the temporary folders killed runs left behind."""
+    root = folder / CHECKPOINTS
+    if root.exists():
+        away = folder / f".retired-{CHECKPOINTS}-{os.getpid()}"
+        os.replace(root, away)
+        fsync_dir(folder)
+        shutil.rmtree(away)
+    for stale in (*folder.glob(f".retired-{CHECKPOINTS}-*"), *folder.glob(".tmp-final-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _run(cfgs: list[TrainConfig], dirs: list[Path], root: Path, resume: bool, progress: bool,
          evaluator: Evaluator | None, stop_after_steps: int | None) -> list[TrainResult]:
     base = cfgs[0]
@@ -446,6 +459,14 @@ def _run(cfgs: list[TrainConfig], dirs: list[Path], root: Path, resume: bool, pr
         raise ValueError("train_data is not set (a path to embeddings; see msae_ext.store)")
     check_device(base.device)
     env, device = init_distributed(base.device)
+    # one writer per run folder (rank 0 writes for every rank)
+    with exclusive(root, "msae train") if env.is_main else contextlib.nullcontext():
+        return _run_held(cfgs, dirs, root, resume, progress, evaluator, stop_after_steps, env, device)
+
+
+def _run_held(cfgs: list[TrainConfig], dirs: list[Path], root: Path, resume: bool, progress: bool,
+              evaluator: Evaluator | None, stop_after_steps: int | None, env: DistEnv, device: str) -> list[TrainResult]:
+    base = cfgs[0]
     if env.enabled:
         if base.batch_size % env.world:
             raise ValueError(f"batch_size {base.batch_size} is not divisible by the {env.world} processes")
@@ -462,6 +483,15 @@ def _run(cfgs: list[TrainConfig], dirs: list[Path], root: Path, resume: bool, pr
         check_dimension(eval_source, source.d_in)
         check_finite(eval_source)
     root.mkdir(parents=True, exist_ok=True)
+    if env.is_main:  # starting afresh retires the old run's checkpoints before anything new is written
+        for d in dirs if not resume else []:
+            retire_checkpoints(d)
+        if not resume:
+            (root / MULTI_STATE).unlink(missing_ok=True)
+        for d in dirs:  # what killed runs left half-written
+            for stale in (d / CHECKPOINTS).glob(".tmp-step_*"):
+                shutil.rmtree(stale, ignore_errors=True)
+    env.barrier()
 
     # statistics of the training split, shared by every SAE of the run; rank 0 computes them
     stats_path = root / "normalization.json"
@@ -493,7 +523,7 @@ def _run(cfgs: list[TrainConfig], dirs: list[Path], root: Path, resume: bool, pr
     state = members[0].state
     if any((m.state.epoch, m.state.batch_in_epoch, m.state.step) != (state.epoch, state.batch_in_epoch, state.step)
            for m in members):
-        raise RuntimeError(f"the SAEs in {root} were checkpointed at different steps; restart with --no-resume")
+        raise CheckpointError(f"the SAEs in {root} were checkpointed at different steps; restart with --no-resume")
     batches = stream
     if base.data_on_device is True or (base.data_on_device == "auto" and fits_on_device(source, device)):
         batches = ResidentBatches(stream, device)  # type: ignore[assignment]

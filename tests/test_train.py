@@ -11,6 +11,7 @@ from msae_ext.config import ConfigError, TrainConfig, load_config
 from msae_ext.recipes import train_and_evaluate
 from msae_ext.store import EmbeddingDataError
 from msae_ext.train import (
+    CheckpointError,
     _Interrupt,
     latest_checkpoint,
     lr_lambda,
@@ -218,9 +219,58 @@ def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path, embeddings, 
     torch.save({"state": _RunsCode()}, latest_checkpoint(tmp_path / "r") / planted)
     with pytest.warns(UserWarning, match=rf"step_000000005 cannot be read \(\S+/step_000000005/{planted}: "
                                          r"UnpicklingError: Weights only load failed"):
-        with pytest.raises(RuntimeError, match="no checkpoint can be read"):
+        with pytest.raises(CheckpointError, match="no checkpoint can be read"):
             train(c, tmp_path / "r", progress=False)
     assert "this pickle ran code" not in capsys.readouterr().out
+
+
+def test_one_writer_per_run_folder(tmp_path, embeddings):
+    """A run folder another live process holds is refused at once, naming that process; once the
+    holder is gone (killed: the kernel drops its lock) the folder is taken over."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from msae_ext.fileio import FolderBusyError
+
+    train_path, _, _ = embeddings
+    out = tmp_path / "r"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        f = open({str(out / ".msae.lock")!r}, "a+")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(f"process {{os.getpid()}} (msae train)"); f.flush()
+        print("held", flush=True)
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderBusyError, match=rf"is being written by process {holder.pid} \(msae train\)"):
+            train(cfg(train_path, epochs=1), out, progress=False)
+        assert not (out / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(cfg(train_path, epochs=1), out, progress=False).steps == 16
+
+
+def test_no_resume_cannot_resume_the_old_run(tmp_path, embeddings):
+    """A --no-resume run killed before its first checkpoint, then started again, trains its own config
+    from the start: the old run's checkpoints were retired first."""
+    train_path, _, _ = embeddings
+    old, new = cfg(train_path, epochs=2, checkpoint_every=5), cfg(train_path, epochs=2, checkpoint_every=5, seed=7)
+    with pytest.raises(_Interrupt):
+        train(old, tmp_path / "r", progress=False, stop_after_steps=12)
+    assert latest_checkpoint(tmp_path / "r") is not None
+    with pytest.raises(_Interrupt):
+        train(new, tmp_path / "r", progress=False, resume=False, stop_after_steps=3)
+    assert latest_checkpoint(tmp_path / "r") is None
+    rerun = train(new, tmp_path / "r", progress=False)
+    assert rerun.resumed_from is None
+    train(new, tmp_path / "clean", progress=False)
+    a, b = weights(tmp_path / "r"), weights(tmp_path / "clean")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_rerunning_a_finished_run_keeps_its_folder(tmp_path, embeddings):

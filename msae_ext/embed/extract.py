@@ -19,6 +19,7 @@ shards r, r + N, ...; rank 0 writes the manifest once every shard is there.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..fileio import FileFormatError, fsync_dir, load_npy, write_text_atomic
+from ..fileio import FileFormatError, exclusive, fsync_dir, load_npy, write_text_atomic
 from .clip import LoadedClip
 from .datasets import Items
 
@@ -199,75 +200,81 @@ def embed_dataset(
     if precision not in ("fp32", "fp16", "bf16"):
         raise EmbedError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
     env, _ = init_distributed(str(clip.device))
-    dirs = _modality_dirs(out, modality)
-    plan = EmbedPlan(len(items), shard_items)
-    state = {"model": clip.name, "pretrained": clip.pretrained, "modality": modality, "source": items.description,
-             "n_items": len(items), "shard_items": shard_items, "dtype": dtype, "precision": precision}
-    if env.is_main:
-        for d in dirs.values():
-            d.mkdir(parents=True, exist_ok=True)
-        _check_state(out, state, resume)
-        write_text_atomic(out / STATE, json.dumps(state, indent=2))
-    env.barrier()
 
-    mine = [s for s in range(plan.n_shards) if s % env.world == env.rank]
-    todo = [s for s in mine if not all(_complete(dirs[m], m, s, verify=True) for m in dirs)]
-    n_todo = sum(len(plan.items_of(s)) for s in todo)
-    if env.is_main and len(todo) < len(mine):
-        print(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already complete")
-    bar = None
-    if progress and env.is_main:
-        from tqdm.auto import tqdm
+    def write() -> Path:
+        dirs = _modality_dirs(out, modality)
+        plan = EmbedPlan(len(items), shard_items)
+        state = {"model": clip.name, "pretrained": clip.pretrained, "modality": modality, "source": items.description,
+                 "n_items": len(items), "shard_items": shard_items, "dtype": dtype, "precision": precision}
+        if env.is_main:
+            for d in dirs.values():
+                d.mkdir(parents=True, exist_ok=True)
+            _check_state(out, state, resume)
+            write_text_atomic(out / STATE, json.dumps(state, indent=2))
+        env.barrier()
 
-        bar = tqdm(total=n_todo, unit="item", desc=f"embed {modality}" + (f" (rank 0 of {env.world})" if env.enabled else ""),
-                   smoothing=0.05)
-    loader = None
-    if "image" in dirs and todo:
-        batches = [b for s in todo for b in batch_indices(plan.items_of(s).start, plan.items_of(s).stop, batch_size)]
-        loader = iter(torch.utils.data.DataLoader(
-            _ImageDataset(items, clip.preprocess), batch_sampler=batches, num_workers=num_workers,
-            collate_fn=_collate, persistent_workers=False, prefetch_factor=4 if num_workers else None))
-    for shard in todo:
-        rows: list[int] = []
-        failed: list[dict[str, Any]] = []
-        parts: dict[str, list[np.ndarray]] = {m: [] for m in dirs}
-        span = plan.items_of(shard)
-        for idx in batch_indices(span.start, span.stop, batch_size):
-            if loader is not None:
-                batch = next(loader)
-                assert [b[0] for b in batch] == idx  # the loader serves exactly this shard's items, in order
-                ok = [b for b in batch if b[1] is not None]
-                failed += [{"index": i, "id": items.ids[i], "error": err} for i, _, err in batch if err is not None]
-                kept = [i for i, _, _ in ok]
-                if ok:
-                    parts["image"].append(encode_images(clip, torch.stack([t for _, t, _ in ok]), precision))
-            else:
-                kept = idx
-            if "text" in dirs and kept:
-                parts["text"].append(encode_texts(clip, [items.text(i) for i in kept], precision))
-            rows += kept
-            if bar is not None:
-                bar.update(len(idx))
-        for m, d in dirs.items():
-            matrix = (np.concatenate(parts[m]) if parts[m] else np.zeros((0, clip.embed_dim), np.float32)).astype(dtype)
-            name = _shard_name(m, shard)
-            _save_npy_atomic(d / f"{name}.npy", matrix)
-            meta = {"shard": shard, "n_rows": len(rows), "sha256": _sha256(d / f"{name}.npy"),
-                    "first_item": span.start, "n_items": len(span), "items": rows,
-                    "ids": [items.ids[i] for i in rows], "failed": failed}
-            if items.labels is not None:
-                meta["labels"] = [items.labels[i] for i in rows]
-            if items.has_text:
-                meta["captions"] = [items.text(i) for i in rows]
-            write_text_atomic(d / f"{name}.rows.json", json.dumps(meta))
-    if bar is not None:
-        bar.close()
-    env.barrier()
-    if env.is_main:
-        for m, d in dirs.items():
-            write_manifest(d, m, plan, clip, items, dtype, precision)
-    env.barrier()
-    return out / MANIFEST if modality != "both" else out
+        mine = [s for s in range(plan.n_shards) if s % env.world == env.rank]
+        todo = [s for s in mine if not all(_complete(dirs[m], m, s, verify=True) for m in dirs)]
+        n_todo = sum(len(plan.items_of(s)) for s in todo)
+        if env.is_main and len(todo) < len(mine):
+            print(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards already complete")
+        bar = None
+        if progress and env.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n_todo, unit="item", desc=f"embed {modality}" + (f" (rank 0 of {env.world})" if env.enabled else ""),
+                       smoothing=0.05)
+        loader = None
+        if "image" in dirs and todo:
+            batches = [b for s in todo for b in batch_indices(plan.items_of(s).start, plan.items_of(s).stop, batch_size)]
+            loader = iter(torch.utils.data.DataLoader(
+                _ImageDataset(items, clip.preprocess), batch_sampler=batches, num_workers=num_workers,
+                collate_fn=_collate, persistent_workers=False, prefetch_factor=4 if num_workers else None))
+        for shard in todo:
+            rows: list[int] = []
+            failed: list[dict[str, Any]] = []
+            parts: dict[str, list[np.ndarray]] = {m: [] for m in dirs}
+            span = plan.items_of(shard)
+            for idx in batch_indices(span.start, span.stop, batch_size):
+                if loader is not None:
+                    batch = next(loader)
+                    assert [b[0] for b in batch] == idx  # the loader serves exactly this shard's items, in order
+                    ok = [b for b in batch if b[1] is not None]
+                    failed += [{"index": i, "id": items.ids[i], "error": err} for i, _, err in batch if err is not None]
+                    kept = [i for i, _, _ in ok]
+                    if ok:
+                        parts["image"].append(encode_images(clip, torch.stack([t for _, t, _ in ok]), precision))
+                else:
+                    kept = idx
+                if "text" in dirs and kept:
+                    parts["text"].append(encode_texts(clip, [items.text(i) for i in kept], precision))
+                rows += kept
+                if bar is not None:
+                    bar.update(len(idx))
+            for m, d in dirs.items():
+                matrix = (np.concatenate(parts[m]) if parts[m] else np.zeros((0, clip.embed_dim), np.float32)).astype(dtype)
+                name = _shard_name(m, shard)
+                _save_npy_atomic(d / f"{name}.npy", matrix)
+                meta = {"shard": shard, "n_rows": len(rows), "sha256": _sha256(d / f"{name}.npy"),
+                        "first_item": span.start, "n_items": len(span), "items": rows,
+                        "ids": [items.ids[i] for i in rows], "failed": failed}
+                if items.labels is not None:
+                    meta["labels"] = [items.labels[i] for i in rows]
+                if items.has_text:
+                    meta["captions"] = [items.text(i) for i in rows]
+                write_text_atomic(d / f"{name}.rows.json", json.dumps(meta))
+        if bar is not None:
+            bar.close()
+        env.barrier()
+        if env.is_main:
+            for m, d in dirs.items():
+                write_manifest(d, m, plan, clip, items, dtype, precision)
+        env.barrier()
+        return out / MANIFEST if modality != "both" else out
+
+    # one writer per cache folder (rank 0 holds it for every rank)
+    with exclusive(out, "msae embed") if env.is_main else contextlib.nullcontext():
+        return write()
 
 
 def write_manifest(directory: Path, modality: str, plan: EmbedPlan, clip: LoadedClip, items: Items,
