@@ -180,6 +180,7 @@ class RunState:
     batch_in_epoch: int = 0  # batches of that epoch already trained on
     step: int = 0
     dead_last_epoch: int | None = None  # latents that never fired in the last finished epoch
+    elapsed_s: float = 0.0  # seconds of training up to this state, across resumptions
 
 
 def save_checkpoint(out_dir: Path, trainer: PaperTrainer, state: RunState, keep: int, fired_epoch: torch.Tensor) -> Path:
@@ -337,6 +338,9 @@ class _Member:
                 self.checkpoint is not None and (out_dir / "wandb_run_id").exists()) else None
             self.run = _init_wandb(cfg, out_dir, resume_id)
         self.log_path = out_dir / "training_log.jsonl"
+        if env.is_main:
+            _keep_log_until(self.log_path, self.state.step)
+        self.clock = time.time() - self.state.elapsed_s  # elapsed time continues across resumptions
 
     def _resume(self, checkpoints: list[Path]) -> Path | None:
         """Load the newest checkpoint that reads back whole; a damaged one is skipped with a warning
@@ -366,7 +370,8 @@ class _Member:
             _log_eval(self.sae, eval_x, self.stats, state, trainer, self.run, self.log_path)
         return out
 
-    def end_epoch(self, epoch: int, elapsed: float) -> None:
+    def end_epoch(self, epoch: int) -> None:
+        elapsed = time.time() - self.clock
         self.state.dead_last_epoch = int((~self.fired_epoch).sum())
         if self.env.is_main:
             _append_log(self.log_path, {"event": "epoch_end", "epoch": epoch, "step": self.state.step,
@@ -379,6 +384,7 @@ class _Member:
         self.fired_epoch.zero_()
 
     def save(self, keep: int) -> None:
+        self.state.elapsed_s = round(time.time() - self.clock, 3)
         if self.env.is_main:
             save_checkpoint(self.out_dir, self.trainer, self.state, keep, self.fired_epoch)
 
@@ -538,7 +544,6 @@ def _run_held(cfgs: list[TrainConfig], dirs: list[Path], root: Path, resume: boo
     start_step = state.step
     desc = f"train {base.architecture}" if len(cfgs) == 1 else f"train {len(cfgs)} SAEs"
     pbar = _progress(total_steps, state.step, desc, progress and env.is_main)
-    start = time.time()
 
     def save_all() -> None:
         keep = max(2, base.keep_checkpoints) if multi else base.keep_checkpoints
@@ -565,7 +570,7 @@ def _run_held(cfgs: list[TrainConfig], dirs: list[Path], root: Path, resume: boo
                 if stop_after_steps is not None and step >= stop_after_steps:
                     raise _Interrupt(f"stopped after {step} steps")
             for m in members:
-                m.end_epoch(epoch, time.time() - start)
+                m.end_epoch(epoch)
             save_all()
     finally:
         pbar.close()
@@ -613,10 +618,25 @@ def save_inference_sae(sae: PaperTrainingSAE, out_dir: Path, trainer: PaperTrain
     sae.save_inference_model(tmp)
     if trainer is not None:
         save_file({"sparsity": trainer.log_feature_sparsity}, tmp / "sparsity.safetensors")
-    for f in tmp.iterdir():
+    # the files replace the old ones as a set: cfg.json, which makes the folder loadable, goes first
+    # and comes back last, so a kill in between leaves no SAE rather than a mixed one
+    existing.unlink(missing_ok=True)
+    fsync_dir(out_dir)
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "cfg.json"):
         os.replace(f, out_dir / f.name)
     tmp.rmdir()
     fsync_dir(out_dir)
+
+
+def _keep_log_until(path: Path, step: int) -> None:
+    """Drop the log's records of steps after `step` (a killed run's, which the resumed run writes
+    again), atomically; a run started afresh keeps none."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(ln + "\n" for ln in kept))
 
 
 def _append_log(path: Path, record: dict[str, Any]) -> None:

@@ -1,6 +1,8 @@
 """The paper's optimisation step, reproducibility, atomic checkpoints and exact resumption."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,6 +163,49 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, embeddings):
     assert len(kept) == 2 and kept[-1] == "step_000000048"
     with pytest.raises(ValueError, match=r"different config \(changed: \['k_min'\]\)"):
         train(cfg(train_path, epochs=3, checkpoint_every=5, k_min=8), tmp_path / "cut", progress=False)
+
+
+def test_a_resumed_run_logs_each_step_once_and_its_time_continues(tmp_path, embeddings):
+    train_path, eval_path, _ = embeddings
+    c = cfg(train_path, eval_path, epochs=3, checkpoint_every=5, eval_every=4)
+    train(c, tmp_path / "full", progress=False)
+    with pytest.raises(_Interrupt):
+        train(c, tmp_path / "cut", progress=False, stop_after_steps=23)  # evals at 4 ... 20 logged
+    train(c, tmp_path / "cut", progress=False)  # resumes at step 20
+
+    def records(folder):
+        return [json.loads(line) for line in (folder / "training_log.jsonl").read_text().splitlines()]
+
+    key = lambda r: (r["event"], r["step"])  # noqa: E731
+    assert [key(r) for r in records(tmp_path / "cut")] == [key(r) for r in records(tmp_path / "full")]
+    elapsed = [r["elapsed_s"] for r in records(tmp_path / "cut") if r["event"] == "epoch_end"]
+    assert len(elapsed) == 3 and elapsed == sorted(elapsed) and elapsed[0] > 0
+
+
+def test_the_final_files_are_replaced_as_a_set(tmp_path, embeddings, monkeypatch):
+    """A kill while the final SAE is written leaves no SAE in the folder, never a new cfg.json beside
+    old weights; the next run writes it whole."""
+    import msae_ext.train as train_module
+
+    train_path, _, _ = embeddings
+    c = cfg(train_path, epochs=1)
+    train(c, tmp_path / "r", progress=False)
+    real_replace = os.replace
+
+    def killed_midway(src, dst):
+        if Path(dst).name == "sparsity.safetensors":
+            raise KeyboardInterrupt  # stands in for a kill between two files
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(train_module.os, "replace", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        train(c, tmp_path / "r", progress=False, resume=False)
+    assert not (tmp_path / "r" / "cfg.json").exists()
+    monkeypatch.setattr(train_module.os, "replace", real_replace)
+    train(c, tmp_path / "r", progress=False)
+    from msae_ext.loading import load_sae
+
+    assert load_sae(tmp_path / "r").cfg.d_sae == 64
 
 
 def test_bad_inputs_fail_before_training(tmp_path, embeddings):
