@@ -343,6 +343,22 @@ def test_text_statistics_attach_to_an_image_trained_sae(clip, folder, tmp_path):
 
 
 @pytest.mark.slow
+def test_random_weights_are_drawn_from_a_recorded_seed(tiny_config, folder, tmp_path):
+    """`--pretrained none`: the same seed gives the same model in any process (so a killed run resumed
+    by a new process embeds with one model), another seed another model; the seed is in the manifest
+    and a resumption with another seed is refused."""
+    a, b, c = (load_clip(str(tiny_config), None, seed=s) for s in (3, 3, 4))
+    for (name, wa), wb, wc in zip(a.model.state_dict().items(), b.model.state_dict().values(),
+                                  c.model.state_dict().values()):
+        assert torch.equal(wa, wb), name
+    assert any(not torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), c.model.state_dict().values()))
+    items = open_items(f"folder:{folder}")
+    embed_dataset(items, a, tmp_path / "e", batch_size=4, shard_items=4, num_workers=0, progress=False)
+    assert load_embeddings(tmp_path / "e").manifest["seed"] == 3
+    with pytest.raises(EmbedError, match="seed: was 3, now 4"):
+        embed_dataset(items, c, tmp_path / "e", batch_size=4, shard_items=4, num_workers=0, progress=False)
+
+
 def test_torchrun_two_process_extraction_equals_one_process(tiny_config, folder, tmp_path):
     ckpt = tmp_path / "w.pt"
     torch.manual_seed(0)

@@ -41,6 +41,8 @@ def add_commands(sub) -> None:
     m.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="dtype of the stored rows")
     m.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
                    help="autocast of the CLIP forward (default: fp16 on GPU as the paper's extraction, fp32 on CPU)")
+    m.add_argument("--seed", type=int, default=0, help="draws the weights of --pretrained none (recorded in the "
+                                                        "manifest; a resumed run must use the same)")
     m.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     m.add_argument("--num-workers", type=int, default=4, help="image decoding processes")
     m.add_argument("--no-resume", action="store_true", help="refuse to continue an existing OUT")
@@ -61,7 +63,7 @@ def run_embed(args: argparse.Namespace) -> int:
     from ..embed.extract import default_device
 
     items = open_items(args.dataset, captions=args.captions)
-    clip = load_clip(args.model, args.pretrained, device=default_device(args.device))
+    clip = load_clip(args.model, args.pretrained, device=default_device(args.device), seed=args.seed)
     out = embed_dataset(items, clip, args.out, modality=args.modality, batch_size=args.batch_size,
                         shard_items=args.shard_items, dtype=args.dtype, precision=args.precision,
                         num_workers=args.num_workers, resume=not args.no_resume, progress=not args.no_progress)

@@ -34,13 +34,15 @@ class LoadedClip:
     pretrained: str | None  # tag, file path, or None
     config: dict[str, Any]  # the open_clip model config
     device: torch.device
+    seed: int | None = None  # what drew the random weights when there is no pretrained file
 
     @property
     def embed_dim(self) -> int:
         return int(self.config["embed_dim"])
 
     def describe(self) -> dict[str, Any]:
-        return {"model": self.name, "pretrained": self.pretrained, "model_config": self.config}
+        return {"model": self.name, "pretrained": self.pretrained, "model_config": self.config,
+                **({"seed": self.seed} if self.pretrained is None else {})}
 
 
 def _resolve_model_name(model: str) -> str:
@@ -114,8 +116,11 @@ def load_clip(
     pretrained: str | None = None,
     device: str | torch.device = "cpu",
     cache_dir: str | None = None,
+    seed: int = 0,
 ) -> LoadedClip:
-    """An open_clip model, its eval preprocessing and its tokenizer (module docstring)."""
+    """An open_clip model, its eval preprocessing and its tokenizer (module docstring). Random
+    weights (`pretrained` None) are drawn from `seed`, so every process and every resumption of an
+    embedding run gets the same model."""
     import open_clip
 
     name = _resolve_model_name(model)
@@ -126,11 +131,14 @@ def load_clip(
             raise ClipLoadError(f"--pretrained {pretrained}: no such checkpoint file")
         _check_tag_available(name, pretrained, cache_dir)
     try:
-        clip, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, device=device, cache_dir=cache_dir)
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+            torch.manual_seed(seed)
+            clip, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, device=device, cache_dir=cache_dir)
     except (RuntimeError, OSError, KeyError, ValueError) as e:
         raise ClipLoadError(f"could not build {name} with pretrained={pretrained!r}: {e}") from e
     clip.eval()
     tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
     config = open_clip.get_model_config(name) or {}
-    return LoadedClip(clip, preprocess, tokenizer, name, pretrained, config, torch.device(device))
+    return LoadedClip(clip, preprocess, tokenizer, name, pretrained, config, torch.device(device),
+                      seed if pretrained is None else None)

@@ -204,8 +204,9 @@ def embed_dataset(
     def write() -> Path:
         dirs = _modality_dirs(out, modality)
         plan = EmbedPlan(len(items), shard_items)
-        state = {"model": clip.name, "pretrained": clip.pretrained, "modality": modality, "source": items.description,
-                 "n_items": len(items), "shard_items": shard_items, "dtype": dtype, "precision": precision}
+        state = {"model": clip.name, "pretrained": clip.pretrained, "seed": clip.seed, "modality": modality,
+                 "source": items.description, "n_items": len(items), "shard_items": shard_items, "dtype": dtype,
+                 "precision": precision}
         if env.is_main:
             for d in dirs.values():
                 d.mkdir(parents=True, exist_ok=True)

@@ -30,10 +30,11 @@ from .extract import _collate, _ImageDataset, batch_indices, encode_images, enco
 class ClipSource:
     def __init__(self, model: str, dataset: str, pretrained: str | None = None, modality: str = "image",
                  device: str = "cpu", batch_size: int = 256, num_workers: int = 4, precision: str | None = None,
-                 captions: str | None = None, prefetch_chunks: int = 2, clip: Any = None, items: Any = None):
+                 captions: str | None = None, prefetch_chunks: int = 2, clip: Any = None, items: Any = None,
+                 seed: int = 0):
         if modality not in ("image", "text"):
             raise ValueError(f"modality must be image or text, got {modality!r}")
-        self.clip = clip or load_clip(model, pretrained, device=device)
+        self.clip = clip or load_clip(model, pretrained, device=device, seed=seed)
         self.items = items or open_items(dataset, captions=captions)
         if modality == "image" and not self.items.has_images:
             raise ValueError(f"{self.items.description}: has no images")
