@@ -70,7 +70,26 @@ def dead_latents(fire_counts: torch.Tensor) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def knn_indices(feats: torch.Tensor, k: int, block_rows: int = 1024) -> torch.Tensor:
+def _similarities(feats: torch.Tensor, start: int, stop: int, scale: torch.Tensor | None,
+                  col_block: int) -> torch.Tensor:
+    """(stop - start, n) float64 inner products of rows [start, stop) with every row, self excluded
+    (-inf), a block of columns at a time: no float64 copy of `feats` is made."""
+    rows = feats[start:stop].to(torch.float64)
+    if scale is not None:
+        rows = rows * scale[start:stop, None]
+    n = feats.shape[0]
+    out = torch.empty(stop - start, n, dtype=torch.float64, device=feats.device)
+    for c in range(0, n, col_block):
+        cols = feats[c:c + col_block].to(torch.float64)
+        if scale is not None:
+            cols = cols * scale[c:c + col_block, None]
+        out[:, c:c + col_block] = rows @ cols.T
+    r = torch.arange(stop - start, device=feats.device)
+    out[r, r + start] = -torch.inf
+    return out
+
+
+def knn_indices(feats: torch.Tensor, k: int, block_rows: int = 1024, col_block: int = 1024) -> torch.Tensor:
     """Indices of the k largest inner products of each row with the other rows (self excluded).
 
     Computed in row blocks, so memory is O(block_rows * n) rather than O(n^2).
@@ -81,10 +100,7 @@ def knn_indices(feats: torch.Tensor, k: int, block_rows: int = 1024) -> torch.Te
     out = torch.empty(n, k, dtype=torch.long, device=feats.device)
     for start in range(0, n, block_rows):
         stop = min(n, start + block_rows)
-        sims = feats[start:stop] @ feats.T
-        rows = torch.arange(stop - start, device=feats.device)
-        sims[rows, rows + start] = -torch.inf
-        out[start:stop] = sims.topk(k, dim=1).indices
+        out[start:stop] = _similarities(feats, start, stop, None, col_block).topk(k, dim=1).indices
     return out
 
 
@@ -126,48 +142,59 @@ def cknna(
     k: int = 10,
     *,
     normalize: bool = False,
-    block_rows: int = 1024,
+    block_rows: int = 256,
+    col_block: int = 1024,
 ) -> float:
     """CKNNA between two representations of the same n items (appendix E; Huh et al. 2024).
 
     Linear kernels K = A A^T, L = B B^T; alpha(i, j) = 1 when i != j and j is among the k nearest
     neighbours (largest inner product) of i in both spaces;
     CKNNA = Align(K, L) / sqrt(Align(K, K) Align(L, L)), Align being the unbiased HSIC of the
-    masked kernels. Memory stays O(block_rows * n + n * k). `normalize` L2-normalises rows first.
+    masked kernels. Memory stays O(block_rows * n + (block_rows + col_block) * d + n * k), in float64:
+    no copy of the features is made (at 10,000 rows and d = 24,576, about 0.3 GB above the inputs).
+    `normalize` L2-normalises rows first.
     """
     if feats_a.shape[0] != feats_b.shape[0]:
         raise ValueError(f"row counts differ: {feats_a.shape[0]} vs {feats_b.shape[0]}")
     n = feats_a.shape[0]
     if n < 4:
         raise ValueError(f"CKNNA needs at least 4 rows, got {n}")
-    a, b = _f64(feats_a), _f64(feats_b)
-    if normalize:
-        a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        b = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    knn_a = knn_indices(a, k, block_rows)
-    knn_b = knn_indices(b, k, block_rows)
-    rows = torch.arange(n, device=a.device).repeat_interleave(k)
+    if not 0 < k < n:
+        raise ValueError(f"k must lie in [1, n-1] = [1, {n - 1}], got {k}")
 
-    def pairs(knn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rows, knn.reshape(-1)
+    def inverse_norms(feats: torch.Tensor) -> torch.Tensor | None:
+        if not normalize:
+            return None
+        return torch.cat([1 / feats[c:c + col_block].to(torch.float64).norm(dim=-1).clamp_min(1e-12)
+                          for c in range(0, n, col_block)])
 
-    def kernel(feats: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        return (feats[i] * feats[j]).sum(dim=-1)
+    scale_a, scale_b = inverse_norms(feats_a), inverse_norms(feats_b)
+    # per row: its k nearest neighbours in each space, and the kernels K = A A^T, L = B B^T at those
+    # pairs, read off one row block of each similarity matrix at a time
+    knn_a = torch.empty(n, k, dtype=torch.long, device=feats_a.device)
+    knn_b = torch.empty_like(knn_a)
+    k_at_a, l_at_a, l_at_b = (torch.empty(n, k, dtype=torch.float64, device=feats_a.device) for _ in range(3))
+    for start in range(0, n, block_rows):
+        stop = min(n, start + block_rows)
+        sims_a = _similarities(feats_a, start, stop, scale_a, col_block)
+        sims_b = _similarities(feats_b, start, stop, scale_b, col_block)
+        k_at_a[start:stop], knn_a[start:stop] = sims_a.topk(k, dim=1)
+        l_at_b[start:stop], knn_b[start:stop] = sims_b.topk(k, dim=1)
+        l_at_a[start:stop] = sims_b.gather(1, knn_a[start:stop])
+    rows = torch.arange(n, device=feats_a.device).repeat_interleave(k)
+    ia, ja, ib, jb = rows, knn_a.reshape(-1), rows, knn_b.reshape(-1)
 
     # mutual mask: pairs in both kNN graphs
-    ia, ja = pairs(knn_a)
-    ib, jb = pairs(knn_b)
     ids_b = (ib * n + jb).sort().values
     ids_a = ia * n + ja
     pos = torch.searchsorted(ids_b, ids_a).clamp_max(len(ids_b) - 1)
     mutual = ids_b[pos] == ids_a
-    mi, mj = ia[mutual], ja[mutual]
 
-    align_ab = _masked_unbiased_hsic(mi, mj, kernel(a, mi, mj), kernel(b, mi, mj), n)
-    k_aa = kernel(a, ia, ja)
+    k_aa, l_ab = k_at_a.reshape(-1), l_at_a.reshape(-1)
+    align_ab = _masked_unbiased_hsic(ia[mutual], ja[mutual], k_aa[mutual], l_ab[mutual], n)
     align_aa = _masked_unbiased_hsic(ia, ja, k_aa, k_aa, n)
-    k_bb = kernel(b, ib, jb)
-    align_bb = _masked_unbiased_hsic(ib, jb, k_bb, k_bb, n)
+    l_bb = l_at_b.reshape(-1)
+    align_bb = _masked_unbiased_hsic(ib, jb, l_bb, l_bb, n)
     denom = torch.sqrt(align_aa * align_bb)
     if not denom > 0:
         return float("nan")
