@@ -106,6 +106,9 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.lr is not None and not float(self.lr) > 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.dtype not in ("float32", "float64", "bfloat16"):
+            raise ConfigError(f"dtype must be float32, float64 or bfloat16, got {self.dtype!r}" + (
+                "; for half-precision GEMMs keep dtype: float32 and set autocast: true" if self.dtype == "float16" else ""))
         if self.data_on_device not in ("auto", True, False):
             raise ConfigError(f"data_on_device must be auto, true or false, got {self.data_on_device!r}")
         if self.saes is not None:

@@ -11,6 +11,7 @@ own activation (TopK keeps its k, BatchTopK its learned threshold; MSAE and ReLU
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from .metrics import (
     progressive_recovery,
 )
 from .normalization import get_stats
-from .store import EmbeddingSource, check_dimension, check_finite_block, open_embeddings, read_all
+from .store import EmbeddingDataError, EmbeddingSource, check_dimension, check_finite_block, open_embeddings, read_all
 
 PROTOCOLS = ("paper", "native")
 
@@ -148,6 +149,9 @@ def evaluate_sae(
             hist_sample.append(vals.float().cpu())
 
     total_var = sum_sq - float(sum_x.pow(2).sum()) / n
+    if not total_var > 0:
+        raise EmbeddingDataError(f"{source.description}: its {n} row(s) do not vary (one row, or all identical), so "
+                                 "FVU, which divides by their variance, is undefined; evaluate on more rows")
     fvu_value = sq_err / total_var
     report: dict[str, Any] = {
         "l0_sparsity": zeros / (n * sae.cfg.d_sae),
@@ -168,7 +172,12 @@ def evaluate_sae(
 
     x_sub = torch.from_numpy(read_all(source, sub_rows)).to(device)
     z_sub = sae.encode(stats.apply(x_sub))
-    report["cknna"] = cknna_subset(x_sub, z_sub, k=cknna_k, n=cknna_rows, seed=seed) if len(x_sub) > cknna_k + 3 else float("nan")
+    if len(x_sub) > cknna_k + 3:
+        report["cknna"] = cknna_subset(x_sub, z_sub, k=cknna_k, n=cknna_rows, seed=seed)
+    else:  # null in the report, and said why, rather than a NaN nobody asked about
+        report["cknna"] = None
+        report["cknna_undefined"] = f"CKNNA with k = {cknna_k} needs at least {cknna_k + 4} rows; the set has {len(x_sub)}"
+        warnings.warn(f"{source.description}: {report['cknna_undefined']}", stacklevel=2)
 
     x_rec = torch.from_numpy(read_all(source, rec_rows)).to(device)
     z_rec = sae.encode(stats.apply(x_rec))

@@ -76,4 +76,7 @@ def load_labels(path: str | Path) -> np.ndarray:
     labels = np.asarray(labels).reshape(-1)
     if labels.dtype.kind not in "iu":
         raise LoadError(f"{path}: labels must be integers (or one class name per line), got {labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise LoadError(f"{path}: labels are class indices and must be >= 0; row {int(np.argmin(labels))} "
+                        f"holds {int(labels.min())}")
     return labels.astype(np.int64)

@@ -167,8 +167,12 @@ class DatasetColumnSource:
         self.description = description
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        block = np.asarray(self._ds[start:stop][self._column])
-        return _as_float32(block, self.description)
+        block = self._ds[start:stop][self._column]
+        if isinstance(block, list) or getattr(block, "dtype", None) == object:  # rows of different lengths
+            lengths = sorted({len(v) for v in block})
+            raise EmbeddingDataError(f"{self.description}: column {self._column!r} holds vectors of different "
+                                     f"lengths ({lengths[:5]}) in rows {start}..{stop - 1}")
+        return _as_float32(np.asarray(block), self.description)
 
 
 def _split_spec(spec: str) -> tuple[str, str | None]:

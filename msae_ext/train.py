@@ -481,8 +481,11 @@ def _run_held(cfgs: list[TrainConfig], dirs: list[Path], root: Path, resume: boo
     # every input is checked before anything is trained
     source = open_embeddings(base.train_data)
     for c in cfgs:  # the architecture's own checks of its options (k against d_sae, the k-list, ...)
-        arch = architecture(c.architecture)
-        arch.training_config(d_in=source.d_in, d_sae=c.resolve_d_sae(source.d_in), device="meta", **c.options)
+        d_sae = c.resolve_d_sae(source.d_in)
+        if c.options.get("k_min") is not None and c.options["k_min"] > d_sae:  # else one level, silently
+            raise ValueError(f"k_min {c.options['k_min']} is above d_sae {d_sae}: the k-list would be the full "
+                             "level alone")
+        architecture(c.architecture).training_config(d_in=source.d_in, d_sae=d_sae, device="meta", **c.options)
     eval_source = None
     if base.eval_data is not None:
         eval_source = open_embeddings(base.eval_data)

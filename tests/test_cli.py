@@ -129,6 +129,20 @@ def test_cli_errors_are_clear(tmp_path, embeddings, capsys):
                  "--out", "r"]) == 2
     err = capsys.readouterr().err
     assert "labels.npy: not an .npy file (it starts with b'0\\n1\\n')" in err and "pickle" not in err
+    np.save(tmp_path / "negative.npy", np.array([0, 1, -1]))
+    assert main(["eval", "--sae", str(tmp_path / "m"), "--data", str(evalx), "--labels", str(tmp_path / "negative.npy"),
+                 "--out", "r"]) == 2
+    assert "must be >= 0; row 2 holds -1" in capsys.readouterr().err
+    # too few rows: a sentence, not a ZeroDivisionError or a silent NaN
+    np.save(tmp_path / "one.npy", np.load(evalx)[:1])
+    assert main(["eval", "--sae", str(tmp_path / "m"), "--data", str(tmp_path / "one.npy"), "--out", "r"]) == 2
+    assert "do not vary (one row, or all identical)" in capsys.readouterr().err
+    np.save(tmp_path / "six.npy", np.load(evalx)[:6])
+    with pytest.warns(UserWarning, match="CKNNA with k = 10 needs at least 14 rows; the set has 6"):
+        assert main(["eval", "--sae", str(tmp_path / "m"), "--data", str(tmp_path / "six.npy"),
+                     "--out", str(tmp_path / "six.json")]) == 0
+    six = json.loads((tmp_path / "six.json").read_text())
+    assert six["cknna"] is None and "needs at least 14 rows" in six["cknna_undefined"]
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     assert main(["eval", "--sae", str(tmp_path / "m"), "--data", str(evalx), "--labels", str(tmp_path / "objects.npy"),
                  "--out", "r"]) == 2

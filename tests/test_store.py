@@ -106,6 +106,10 @@ def test_parquet_and_saved_dataset_columns(tmp_path):
     np.testing.assert_array_equal(s.read(0, 40), x)
     with pytest.raises(EmbeddingDataError, match="no column 'emb'"):
         open_embeddings(f"{tmp_path}/e.parquet#emb")
+    ragged = datasets.Dataset.from_dict({"embedding": [[1.0, 2.0]] * 5 + [[1.0, 2.0, 3.0]]})
+    ragged.to_parquet(str(tmp_path / "ragged.parquet"))
+    with pytest.raises(EmbeddingDataError, match=r"vectors of different lengths \(\[2, 3\]\)"):
+        open_embeddings(f"{tmp_path}/ragged.parquet#embedding").read(0, 6)
 
 
 def test_clear_errors(tmp_path):

@@ -106,7 +106,8 @@ def test_config_overrides_and_unknown_keys(tmp_path):
         load_config(None, ["architecture=gated"])
     for bad, message in (("expansion_factor=0", "expansion_factor must be a positive integer, got 0"),
                          ("d_sae=-5", "d_sae must be a positive integer, got -5"),
-                         ("batch_size=0", "batch_size must be >= 1"), ("lr=-1", "lr must be positive")):
+                         ("batch_size=0", "batch_size must be >= 1"), ("lr=-1", "lr must be positive"),
+                         ("dtype=float16", "dtype must be float32, float64 or bfloat16.*set autocast: true")):
         with pytest.raises(ConfigError, match=message):
             load_config(None, [bad])
     with pytest.raises(ConfigError, match="no such config file"):
@@ -222,8 +223,12 @@ def test_bad_inputs_fail_before_training(tmp_path, embeddings):
     np.save(tmp_path / "wide.npy", np.zeros((300, 17), np.float32))
     with pytest.raises(EmbeddingDataError, match="dimension 17, the SAE expects d_in=16"):
         train(cfg(train_path, tmp_path / "wide.npy"), tmp_path / "o2", progress=False)
-    with pytest.raises(ValueError, match=r"k must lie in \[1, d_sae=64\]"):
-        train(cfg(train_path, architecture="topk", k=100), tmp_path / "o3", progress=False)
+    for arch, option, message in (("topk", {"k": 100}, r"k must be an integer in \[1, d_sae=64\], got 100"),
+                                  ("topk", {"k": 4.5}, r"k must be an integer in \[1, d_sae=64\], got 4.5"),
+                                  ("msae", {"k_min": 100}, r"k_min 100 is above d_sae 64"),
+                                  ("msae", {"k_list": [4.5, 64]}, r"k_list values must be integers")):
+        with pytest.raises(ValueError, match=message):
+            train(cfg(train_path, architecture=arch, **option), tmp_path / "o3", progress=False)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device 'cuda': this machine has no CUDA device"):
             train(cfg(train_path, device="cuda"), tmp_path / "o4", progress=False)

@@ -32,6 +32,8 @@ def resolve_k_list(d_sae: int, k_list: list[int] | None = None, k_min: int = 64)
     d_sae=6144, k_min=64 -> [64, 128, 256, 512, 1024, 2048, 4096, 6144].
     """
     if k_list is not None:
+        if any(isinstance(k, bool) or int(k) != k for k in k_list):
+            raise ValueError(f"k_list values must be integers, got {list(k_list)}")
         ks = [int(k) for k in k_list]
         if not ks:
             raise ValueError("k_list is empty")
@@ -40,8 +42,8 @@ def resolve_k_list(d_sae: int, k_list: list[int] | None = None, k_min: int = 64)
         if ks[0] < 1 or ks[-1] > d_sae:
             raise ValueError(f"k_list values must lie in [1, d_sae={d_sae}], got {ks}")
         return ks
-    if k_min < 1:
-        raise ValueError(f"k_min must be >= 1, got {k_min}")
+    if isinstance(k_min, bool) or int(k_min) != k_min or k_min < 1:
+        raise ValueError(f"k_min must be a positive integer, got {k_min}")
     ks = []
     k = k_min
     while k < d_sae:

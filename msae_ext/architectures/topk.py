@@ -39,8 +39,8 @@ class TopKTrainingSAEConfig(PaperTrainingSAEConfig):
     aux_loss_coefficient: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.k <= self.d_sae:
-            raise ValueError(f"k must lie in [1, d_sae={self.d_sae}], got {self.k}")
+        if isinstance(self.k, bool) or int(self.k) != self.k or not 1 <= self.k <= self.d_sae:
+            raise ValueError(f"k must be an integer in [1, d_sae={self.d_sae}], got {self.k}")
         super().__post_init__()
 
     @override

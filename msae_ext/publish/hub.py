@@ -99,8 +99,8 @@ def model_card(repo: str, entries: dict[str, dict[str, Any]], title: str | None 
              "|" + "---|" * (6 + len(EVAL_COLUMNS))]
     for sae_id, e in entries.items():
         report = json.loads(e["eval.json"]) if "eval.json" in e else {}
-        vals = [f"{report[k]:.4g}" if isinstance(report.get(k), float) else str(report.get(k, "-"))
-                for k, _ in EVAL_COLUMNS]
+        vals = [f"{report[k]:.4g}" if isinstance(report.get(k), float) else
+                ("-" if report.get(k) is None else str(report[k])) for k, _ in EVAL_COLUMNS]
         lines.append(f"| `{sae_id}` | {e['architecture']} | {e['d_in']} | {e['d_sae']} | {e['modality']} | "
                      f"{e['format']} | " + " | ".join(vals) + " |")
     lines += ["", "L0 is the paper's: the mean fraction of zero latents (higher is sparser); active latents is "
