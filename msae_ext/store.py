@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .embed.extract import MANIFEST
-from .fileio import FileFormatError, inside, load_npy
+from .fileio import FileFormatError, inside, load_npy, sha256_file
 
 
 class EmbeddingDataError(ValueError):
@@ -115,6 +115,7 @@ class ShardedSource:
         if not shards or not isinstance(shards, list):
             raise EmbeddingDataError(f"{where}: lists no shards")
         self._shards: list[EmbeddingSource] = []
+        self._files: list[tuple[Path, str | None]] = []  # each shard's file and its recorded sha256
         for i, entry in enumerate(shards):
             if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
                 raise EmbeddingDataError(f"{where}: shards[{i}] has no 'file'")
@@ -128,6 +129,7 @@ class ShardedSource:
             if "n_rows" in entry and int(entry["n_rows"]) != shard.n_rows:
                 raise EmbeddingDataError(f"{path}: manifest says {entry['n_rows']} rows, file has {shard.n_rows}")
             self._shards.append(shard)
+            self._files.append((path, entry.get("sha256")))
         dims = {s.d_in for s in self._shards}
         if len(dims) != 1:
             raise EmbeddingDataError(f"{directory}: shards disagree on the embedding dimension: {sorted(dims)}")
@@ -139,6 +141,20 @@ class ShardedSource:
         if "n_rows" in manifest and int(manifest["n_rows"]) != self.n_rows:
             raise EmbeddingDataError(f"{directory}: manifest n_rows={manifest['n_rows']} but shards hold {self.n_rows}")
         self.description = str(directory)
+
+    def verify(self) -> int:
+        """Check every shard against the sha256 the manifest records; the number checked (0 when the
+        manifest records none). A shard that differs is an EmbeddingDataError naming it."""
+        checked = 0
+        for path, digest in self._files:
+            if digest is None:
+                continue
+            if sha256_file(path) != digest:
+                raise EmbeddingDataError(f"{path}: its sha256 differs from the one in {MANIFEST}; the shard is "
+                                         "corrupt or was replaced (in an `msae embed` cache: delete it and its "
+                                         ".rows.json, then rerun `msae embed` with the same --out)")
+            checked += 1
+        return checked
 
     def read(self, start: int, stop: int) -> np.ndarray:
         parts = []
@@ -256,6 +272,13 @@ def _open_hub_dataset(spec: str) -> EmbeddingSource:
             "download it elsewhere, `save_to_disk` it, and pass DIR#COLUMN instead."
         ) from e
     return DatasetColumnSource(ds, column, f"hf://{spec}")
+
+
+def verify_checksums(source: EmbeddingSource) -> int:
+    """Shards of `source` checked against their recorded sha256 (0: nothing records one, as for a
+    plain matrix); raises EmbeddingDataError on the first that differs."""
+    verify = getattr(source, "verify", None)
+    return verify() if verify is not None else 0
 
 
 def check_dimension(source: EmbeddingSource, d_in: int) -> None:

@@ -355,7 +355,7 @@ def test_search_cli(world, tmp_path, capsys):
     assert msae_cli.main(["search", "--index", str(tmp_path / "index.npy"), "--query-row", "3",
                           "--out", str(out)]) == 0
     assert json.loads(out.read_text())["clip"][0]["row"] == 3
-    capsys.readouterr()
+    assert "index: not verified (it records no checksums)" in capsys.readouterr().out
     assert msae_cli.main(["search", "--index", str(tmp_path / "index.npy"), "--query-row", "3",
                           "--steer", "germany=20"]) == 2
     assert "need --sae" in capsys.readouterr().err
@@ -487,6 +487,20 @@ def test_celeba_cache_examples_search_and_bias_cli(tmp_path, capsys):
     found = json.loads(res.read_text())
     assert found["clip"][0]["id"] == "000007" and found["clip"][0]["distance"] < 1e-5
     assert (tmp_path / "search" / "search.png").stat().st_size > 0
+    assert found["index_verified_shards"] == len(json.loads((cache / "manifest.json").read_text())["shards"]) >= 1
+
+    # a shard whose bytes changed after embedding (same shape, so it still opens) is refused by name
+    shard = cache / json.loads((cache / "manifest.json").read_text())["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    search = ["search", "--index", str(cache), "--query-row", "0", "--k", "1"]
+    assert msae_cli.main(search) == 2
+    assert f"{shard}: its sha256 differs" in capsys.readouterr().err
+    assert msae_cli.main(search + ["--no-verify"]) == 0
+    assert "index: not verified (--no-verify)" in capsys.readouterr().out
+    shard.write_bytes(bytes(data[:-1]) + bytes([data[-1] ^ 0xFF]))
 
     out = tmp_path / "bias.json"
     assert msae_cli.main(["bias", "--sae", str(sae_dir), "--data", str(cache), "--attribute", "Male",

@@ -89,6 +89,9 @@ def add_commands(sub) -> None:
     se.add_argument("--valid-only", action="store_true", help="explain with validated concepts only")
     se.add_argument("--figures", help="folder for a figure of the query and its neighbours (needs an index whose "
                                       "images are known: an `msae embed` cache of an image dataset)")
+    se.add_argument("--no-verify", action="store_true",
+                    help="skip checking the index's shards against the sha256 its manifest records (one extra read "
+                         "of the files; a plain matrix records none and is never verified)")
     se.add_argument("--out", help="results.json")
     se.set_defaults(func=run_search)
 
@@ -195,8 +198,12 @@ def run_search(args: argparse.Namespace) -> int:
     if (args.query_image or args.query_text) and not (args.clip and args.pretrained):
         raise ValueError("--query-image / --query-text need --clip MODEL --pretrained TAG (the index's CLIP model)")
     from ..interpret import open_rows, open_space, parse_steering, query_embedding, similarity_search
+    from ..store import verify_checksums
 
     rows = open_rows(args.index, captions=args.captions)
+    verified = 0 if args.no_verify else verify_checksums(rows.source)
+    print(f"index: {verified} shard(s) match their recorded sha256" if verified else
+          f"index: not verified ({'--no-verify' if args.no_verify else 'it records no checksums'})")
     if args.figures and rows.dataset is None:
         raise ValueError(f"--figures: {args.index} is a plain matrix whose rows' images are unknown; figures need an "
                          "`msae embed` cache of an image dataset")
@@ -212,6 +219,7 @@ def run_search(args: argparse.Namespace) -> int:
                                steer=parse_steering(args.steer, table), error_term=not args.no_error_term,
                                n_concepts=args.n_concepts, valid_only=args.valid_only, progress=True)
     result["query"] = described
+    result["index_verified_shards"] = verified
     if args.figures:
         from ..interpret.search import save_search_figure
 

@@ -20,7 +20,6 @@ shards r, r + N, ...; rank 0 writes the manifest once every shard is there.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..fileio import FileFormatError, exclusive, fsync_dir, load_npy, write_text_atomic
+from ..fileio import FileFormatError, exclusive, fsync_dir, load_npy, sha256_file, write_text_atomic
 from .clip import LoadedClip
 from .datasets import Items
 
@@ -46,13 +45,6 @@ class EmbedError(ValueError):
 
     pass
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
@@ -144,7 +136,7 @@ def _complete(directory: Path, modality: str, shard: int, verify: bool) -> bool:
         return False
     if verify:
         meta = json.loads(rows_file.read_text())
-        if _sha256(npy) != meta["sha256"]:
+        if sha256_file(npy) != meta["sha256"]:
             raise EmbedError(f"{npy}: checksum differs from {rows_file.name}; the shard is corrupt. Delete both "
                              "files and rerun to embed it again.")
     return True
@@ -256,7 +248,7 @@ def embed_dataset(
                 matrix = (np.concatenate(parts[m]) if parts[m] else np.zeros((0, clip.embed_dim), np.float32)).astype(dtype)
                 name = _shard_name(m, shard)
                 _save_npy_atomic(d / f"{name}.npy", matrix)
-                meta = {"shard": shard, "n_rows": len(rows), "sha256": _sha256(d / f"{name}.npy"),
+                meta = {"shard": shard, "n_rows": len(rows), "sha256": sha256_file(d / f"{name}.npy"),
                         "first_item": span.start, "n_items": len(span), "items": rows,
                         "ids": [items.ids[i] for i in rows], "failed": failed}
                 if items.labels is not None:
@@ -340,7 +332,7 @@ def load_embeddings(directory: str | Path, verify: bool = False) -> Embeddings:
         npy = directory / entry["file"]
         if not npy.exists():
             raise EmbedError(f"{npy}: listed in the manifest but missing")
-        if verify and _sha256(npy) != entry["sha256"]:
+        if verify and sha256_file(npy) != entry["sha256"]:
             raise EmbedError(f"{npy}: checksum differs from the manifest; the file is corrupt")
         try:
             m = load_npy(npy, mmap_mode="r")
