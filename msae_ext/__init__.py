@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _EXPORTS = {
-    "SAE": "publish", "load_authors_sae": "publish", "register_releases": "publish",
+    "SAE": "publish", "load_authors_sae": "publish", "open_sae": "publish", "register_releases": "publish",
+    "release_concepts": "publish",
     "MSAEConfig": "architectures", "MSAETrainingSAE": "architectures", "MSAETrainingSAEConfig": "architectures",
     "PaperSAE": "architectures", "register_all": "architectures", "resolve_alphas": "architectures",
     "resolve_k_list": "architectures",

@@ -68,7 +68,7 @@ def load_npy(path: str | Path, mmap_mode: str | None = None):
     try:
         return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
     except ValueError as e:
-        if "allow_pickle" in str(e):  # an .npy of dtype object: its items are pickled
+        if "allow_pickle" in str(e) or "Python objects" in str(e):  # dtype object: its items are pickled
             raise FileFormatError(f"{path}: an array of Python objects, which would run code when loaded") from None
         raise FileFormatError(f"{path}: not a readable .npy file (corrupt or truncated?): {e}") from None
     except (OSError, EOFError) as e:

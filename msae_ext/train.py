@@ -389,7 +389,7 @@ class _Member:
             save_checkpoint(self.out_dir, self.trainer, self.state, keep, self.fired_epoch)
 
     def finish(self, evaluator: Evaluator | None, trained: bool) -> TrainResult:
-        sae, trainer, cfg = self.sae, self.trainer, self.cfg
+        sae, trainer = self.sae, self.trainer
         report = None
         if self.env.is_main:
             done = self.out_dir / "eval.json"

@@ -33,6 +33,24 @@ def sae_folder(path: str) -> str:
     return path
 
 
+def release_names() -> list[str]:
+    """The registry's releases, read from the YAML file without importing sae-lens."""
+    import yaml
+
+    registry = Path(__file__).resolve().parent.parent / "publish" / "pretrained_saes.yaml"
+    return list(yaml.safe_load(registry.read_text()))
+
+
+def sae_ref(spec: str) -> str:
+    """An SAE folder (holding a cfg.json) or a release of the registry: RELEASE or RELEASE:SAE_ID."""
+    if Path(spec).is_dir():
+        return sae_folder(spec)
+    if spec.partition(":")[0] in release_names():
+        return spec
+    raise argparse.ArgumentTypeError(f"{spec}: neither an SAE folder nor a release ({', '.join(release_names())}; "
+                                     "RELEASE:SAE_ID picks one of its SAEs)")
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

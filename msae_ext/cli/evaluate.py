@@ -7,12 +7,13 @@ import argparse
 import json
 from pathlib import Path
 
-from .args import existing, existing_data, positive_int, sae_folder, write_json
+from .args import existing, existing_data, positive_int, sae_ref, write_json
 
 
 def add_commands(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a saved SAE with the paper's metrics")
-    e.add_argument("--sae", required=True, type=sae_folder, help="SAE folder (the --out folder of msae train)")
+    e.add_argument("--sae", required=True, type=sae_ref,
+                   help="SAE folder (the --out folder of msae train), or a release (RELEASE[:SAE_ID])")
     e.add_argument("--data", required=True, type=existing_data,
                    help="embeddings: .npy, .safetensors[#key], DIR with manifest.json, FILE.parquet#column, DATASET_DIR#column")
     e.add_argument("--modality", choices=("image", "text"), default=None,
@@ -35,10 +36,11 @@ def add_commands(sub) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..evaluate import PROTOCOLS, REPORT_KEYS, evaluate_protocols
-    from ..loading import load_labels, load_sae
+    from ..loading import load_labels
+    from ..publish import open_sae
 
     labels = load_labels(args.labels) if args.labels else None
-    sae = load_sae(args.sae, device=args.device)
+    sae = open_sae(args.sae, device=args.device)[0]
     report = evaluate_protocols(sae, args.data, args.protocol, modality=args.modality, labels=labels,
                                 batch_size=args.batch_size, figure_dir=args.figures, progress=True)
     out = write_json(args.out, report)

@@ -7,16 +7,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .args import existing, existing_data, positive_int, sae_folder, split_list, write_json
+from .args import existing, existing_data, positive_int, sae_ref, split_list, write_json
 
 
 def _sae_args(q, data_help: str | None) -> None:
-    q.add_argument("--sae", required=data_help is not None, type=sae_folder, help="SAE folder")
+    q.add_argument("--sae", required=data_help is not None, type=sae_ref,
+                   help="SAE folder, or a release (RELEASE[:SAE_ID], e.g. msae-clip-vitl14-rw), whose concept names "
+                        "come with it")
     if data_help:
         q.add_argument("--data", required=True, type=existing_data, help=data_help)
     q.add_argument("--modality", choices=("image", "text"), default=None,
                    help="which saved statistics to apply to the rows (default: the training modality)")
-    q.add_argument("--concepts", type=existing, help="concepts.json from `msae concepts` (neuron names)")
+    q.add_argument("--concepts", type=existing, help="concepts.json from `msae concepts` (neuron names; a release's "
+                                                     "come with it)")
     q.add_argument("--device", default="cpu")
 
 
@@ -27,8 +30,12 @@ def add_commands(sub) -> None:
                     "text preprocessing, and take cosine similarity with the unit-norm decoder directions (b_pre "
                     "kept, as the paper). Validations per neuron: similarity above --threshold, best vector (one "
                     "concept per neuron), best/second-best ratio above --ratio. Writes per-neuron concepts and the "
-                    "Table 3 counts.")
-    c.add_argument("--sae", required=True, type=sae_folder, help="SAE folder (needs text statistics: `msae stats --modality text`)")
+                    "Table 3 counts. For a release that publishes a concept matrix (the authors' msae-clip-vitl14-rw), "
+                    "--sae RELEASE alone applies the same validations to that matrix, with no CLIP model.")
+    c.add_argument("--sae", required=True, type=sae_ref,
+                   help="SAE folder (needs text statistics: `msae stats --modality text`), or a release "
+                        "(RELEASE[:SAE_ID]): without --clip / --vocab-embeddings, a release that publishes a concept "
+                        "matrix is named from it, with no CLIP model")
     c.add_argument("--clip", help="open_clip model name or config .json to embed the vocabulary with")
     c.add_argument("--pretrained", help="its pretrained tag or checkpoint file (with --clip)")
     c.add_argument("--vocab-embeddings", type=existing, help="precomputed vocabulary embeddings: .npy aligned with "
@@ -119,15 +126,43 @@ def add_commands(sub) -> None:
     b.set_defaults(func=run_bias)
 
 
+def _open(args: argparse.Namespace, concepts: bool):
+    """(SAE, ConceptTable or None) for --sae, a folder or a release, and --concepts."""
+    from ..interpret import ConceptTable
+    from ..publish import open_sae
+
+    sae, doc = open_sae(args.sae, device=args.device, concepts=concepts and not getattr(args, "concepts", None))
+    if getattr(args, "concepts", None):
+        return sae, ConceptTable.load(args.concepts)
+    return sae, ConceptTable(doc, f"{args.sae} (its published concept matrix)") if doc else None
+
+
+def _space(args: argparse.Namespace):
+    """--sae (and its concepts) as the ConceptSpace the examples, search and bias commands share."""
+    from ..interpret import open_space
+
+    sae, table = _open(args, concepts=True)
+    return open_space(sae, args.modality, table, args.device)
+
+
 def run_concepts(args: argparse.Namespace) -> int:
-    if bool(args.clip) == bool(args.vocab_embeddings):
-        raise ValueError("give either --clip MODEL --pretrained TAG or --vocab-embeddings FILE")
+    if args.clip and args.vocab_embeddings:
+        raise ValueError("give either --clip MODEL --pretrained TAG or --vocab-embeddings FILE, not both")
     if args.clip and not args.pretrained:
         raise ValueError("--clip needs --pretrained (a tag, a checkpoint file, or 'none')")
     from ..interpret import embed_vocabulary, load_vocabulary, name_concepts, read_vocab_embeddings
-    from ..loading import load_sae
 
-    sae = load_sae(args.sae, device=args.device)
+    if not args.clip and not args.vocab_embeddings:
+        from ..publish.registry import release_concepts, split_spec
+
+        parsed = None if Path(args.sae).is_dir() else split_spec(args.sae)
+        result = release_concepts(*parsed, threshold=args.threshold, ratio=args.ratio, top=args.top) \
+            if parsed else None
+        if result is None:
+            raise ValueError("give --clip MODEL --pretrained TAG or --vocab-embeddings FILE (only a release that "
+                             "publishes a concept matrix is named without them)")
+        return _print_concepts(args, result)
+    sae, _ = _open(args, concepts=False)
     words = load_vocabulary(args.vocab) if (args.vocab or args.clip) else None
     if args.clip:
         from ..embed import load_clip
@@ -144,6 +179,10 @@ def run_concepts(args: argparse.Namespace) -> int:
                            remove_b_pre=args.remove_b_pre, stats_modality=args.stats_modality, progress=True)
     result["sae"] = str(args.sae)
     result["vocabulary"] = str(args.vocab or args.vocab_embeddings or "default (wordfreq en 10k)")
+    return _print_concepts(args, result)
+
+
+def _print_concepts(args: argparse.Namespace, result: dict) -> int:
     if args.figures:
         from ..plots import concept_similarity_figure
 
@@ -162,9 +201,9 @@ def run_concepts(args: argparse.Namespace) -> int:
 
 
 def run_examples(args: argparse.Namespace) -> int:
-    from ..interpret import open_rows, open_space, resolve_neurons, save_example_grids, top_activating
+    from ..interpret import open_rows, resolve_neurons, save_example_grids, top_activating
 
-    space, table = open_space(args.sae, args.modality, args.concepts, args.device)
+    space, table = _space(args)
     rows = open_rows(args.data, captions=args.captions)
     names = split_list(args.neurons)
     if names:
@@ -197,7 +236,7 @@ def run_search(args: argparse.Namespace) -> int:
         raise ValueError("--sae-space and --steer need --sae DIR")
     if (args.query_image or args.query_text) and not (args.clip and args.pretrained):
         raise ValueError("--query-image / --query-text need --clip MODEL --pretrained TAG (the index's CLIP model)")
-    from ..interpret import open_rows, open_space, parse_steering, query_embedding, similarity_search
+    from ..interpret import open_rows, parse_steering, query_embedding, similarity_search
     from ..store import verify_checksums
 
     rows = open_rows(args.index, captions=args.captions)
@@ -207,7 +246,7 @@ def run_search(args: argparse.Namespace) -> int:
     if args.figures and rows.dataset is None:
         raise ValueError(f"--figures: {args.index} is a plain matrix whose rows' images are unknown; figures need an "
                          "`msae embed` cache of an image dataset")
-    space, table = open_space(args.sae, args.modality, args.concepts, args.device) if args.sae else (None, None)
+    space, table = _space(args) if args.sae else (None, None)
     clip = None
     if args.query_image or args.query_text:
         from ..embed import load_clip
@@ -252,11 +291,11 @@ def run_search(args: argparse.Namespace) -> int:
 def run_bias(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..interpret import bias_analysis, open_rows, open_space, resolve_neurons
+    from ..interpret import bias_analysis, open_rows, resolve_neurons
     from ..interpret.bias import save_bias_figures
     from ..loading import load_labels
 
-    space, table = open_space(args.sae, args.modality, args.concepts, args.device)
+    space, table = _space(args)
     rows = open_rows(args.data)
     labels = load_labels(args.labels) if args.labels else rows.label_column(args.attribute)
     if args.invert_label:

@@ -45,6 +45,9 @@ def add_commands(sub) -> None:
     cv.add_argument("--architecture", choices=("msae", "topk", "batchtopk", "relu"), help="override what the file name says")
     cv.add_argument("--modality", choices=("image", "text"), help="which modality the stored statistics are "
                                                                    "(default: from the file name, else image)")
+    cv.add_argument("--preprocessed-inputs", action="store_true",
+                    help="accept a file without mean_center / scaling_factor: the SAE then takes inputs you "
+                         "preprocess yourself (no statistics are attached)")
     cv.add_argument("--out", required=True)
     cv.set_defaults(func=run_convert)
 
@@ -75,7 +78,8 @@ def run_export(args: argparse.Namespace) -> int:
 def run_convert(args: argparse.Namespace) -> int:
     from ..publish import load_authors_sae
 
-    sae = load_authors_sae(args.file, architecture=args.architecture, modality=args.modality)
+    sae = load_authors_sae(args.file, architecture=args.architecture, modality=args.modality,
+                           preprocessed=args.preprocessed_inputs)
     sae.save_model(Path(args.out))
     stats = ", ".join(sorted((sae.cfg.metadata.get("msae_normalization") or {}).keys())) or "no"
     print(f"{args.file}: {sae.cfg.architecture()} d_in={sae.cfg.d_in} d_sae={sae.cfg.d_sae} ({stats} statistics) "

@@ -10,7 +10,15 @@
 """
 
 from .bias import LogisticProbe, bias_analysis, counterfactual_curve, train_logistic_probe
-from .concepts import ConceptError, ConceptTable, embed_vocabulary, name_concepts, read_vocab_embeddings, resolve_neurons
+from .concepts import (
+    ConceptError,
+    ConceptTable,
+    concepts_from_matrix,
+    embed_vocabulary,
+    name_concepts,
+    read_vocab_embeddings,
+    resolve_neurons,
+)
 from .examples import save_example_grids, top_activating
 from .rows import RowSet, open_rows
 from .search import (
@@ -28,7 +36,7 @@ from .vocab import build_wordfreq_vocabulary, default_vocabulary_path, load_voca
 __all__ = [
     "ConceptError", "ConceptSpace", "ConceptTable", "Edit", "LogisticProbe", "RowSet", "bias_analysis",
     "build_wordfreq_vocabulary", "counterfactual_curve", "default_vocabulary_path", "embed_vocabulary",
-    "load_vocabulary", "name_concepts", "open_rows", "open_space", "parse_steer", "parse_steering",
+    "concepts_from_matrix", "load_vocabulary", "name_concepts", "open_rows", "open_space", "parse_steer", "parse_steering",
     "query_embedding", "read_vocab_embeddings", "resolve_neurons", "save_example_grids", "search_clip",
     "search_sae", "shared_concepts", "similarity_search", "top_activating", "train_logistic_probe",
 ]

@@ -134,6 +134,54 @@ def concept_similarities(decoder: torch.Tensor, vocab: torch.Tensor, top: int = 
     return Similarities(top_values, top_words, best_neuron, best_value)
 
 
+@torch.no_grad()
+def similarities_from_matrix(matrix: np.ndarray, top: int = 5, block: int = 2048,
+                             progress: bool = False) -> Similarities:
+    """The same summary from a precomputed (n_words, d_sae) similarity matrix (the authors' concept
+    interpreter), read a block of words at a time so a memory-mapped file is never loaded whole."""
+    n_words, d_sae = matrix.shape
+    m = min(max(top, 2), n_words)
+    top_values = torch.full((d_sae, m), -float("inf"))
+    top_words = torch.zeros(d_sae, m, dtype=torch.long)
+    best_value = torch.empty(n_words)
+    best_neuron = torch.empty(n_words, dtype=torch.long)
+    for s in tqdm(range(0, n_words, block), desc="concepts", unit="block", disable=not progress):
+        sims = torch.from_numpy(np.array(matrix[s : s + block], dtype=np.float32))  # (b, d_sae)
+        if not torch.isfinite(sims).all():
+            bad = s + int((~torch.isfinite(sims)).any(-1).nonzero()[0, 0])
+            raise ConceptError(f"similarity matrix row {bad} is not finite")
+        best_value[s : s + len(sims)], best_neuron[s : s + len(sims)] = sims.max(dim=1)
+        v, i = torch.cat([top_values, sims.T], dim=1).topk(m, dim=1)  # running top-m per neuron
+        words_here = torch.arange(s, s + len(sims)).expand(d_sae, -1)
+        top_words = torch.cat([top_words, words_here], dim=1).gather(1, i)
+        top_values = v
+    return Similarities(top_values, top_words, best_neuron, best_value)
+
+
+def concepts_document(sims: Similarities, words: list[str], settings: dict[str, Any], *, threshold: float = 0.42,
+                      ratio: float = 2.0, top: int = 5) -> dict[str, Any]:
+    """The concepts.json body: settings, Table 3 counts, per-neuron names and per-word best neurons."""
+    body = validate(sims, words, threshold=threshold, ratio=ratio, top=top)
+    words_best = [{"word": w, "neuron": int(n), "similarity": float(v)}
+                  for w, n, v in zip(words, sims.best_neuron.tolist(), sims.best_value.tolist())]
+    return {"format": "msae-concepts",
+            "settings": {"threshold": threshold, "ratio": ratio, "top": top, "n_words": len(words),
+                         "d_sae": int(sims.top_values.shape[0]), **settings},
+            **body, "words": words_best}
+
+
+def concepts_from_matrix(matrix: np.ndarray, words: list[str], *, threshold: float = 0.42, ratio: float = 2.0,
+                         top: int = 5, source: str = "similarity matrix", progress: bool = False) -> dict[str, Any]:
+    """Names and validations (module docstring) from a precomputed (n_words, d_sae) similarity
+    matrix, exactly as `name_concepts` computes them from embeddings."""
+    if len(words) != matrix.shape[0]:
+        raise ConceptError(f"{len(words)} words but the similarity matrix has {matrix.shape[0]} rows")
+    if len(words) < 2:
+        raise VocabularyError("the ratio validation needs at least two words in the vocabulary")
+    sims = similarities_from_matrix(matrix, top=top, progress=progress)
+    return concepts_document(sims, words, {"similarities": source}, threshold=threshold, ratio=ratio, top=top)
+
+
 def validate(sims: Similarities, words: list[str],
              threshold: float = 0.42, ratio: float = 2.0, top: int = 5) -> dict[str, Any]:
     """Appendix A's validations (module docstring) -> the concepts.json body (counts and neurons)."""
@@ -200,16 +248,8 @@ def name_concepts(sae, vocab_embeddings: np.ndarray | torch.Tensor, words: list[
     stats = stats if stats is not None else get_stats(sae, stats_modality)
     vocab = prepare_vocabulary(vocab_embeddings, stats, sae.b_dec if remove_b_pre else None)
     sims = concept_similarities(sae.W_dec.detach(), vocab, top=top, progress=progress)
-    body = validate(sims, words, threshold=threshold, ratio=ratio, top=top)
-    words_best = [{"word": w, "neuron": int(n), "similarity": float(v)}
-                  for w, n, v in zip(words, sims.best_neuron.tolist(), sims.best_value.tolist())]
-    return {
-        "format": "msae-concepts",
-        "settings": {"threshold": threshold, "ratio": ratio, "top": top, "keep_b_pre": not remove_b_pre,
-                     "stats_modality": stats_modality, "n_words": len(words), "d_sae": sae.cfg.d_sae},
-        **body,
-        "words": words_best,
-    }
+    return concepts_document(sims, words, {"keep_b_pre": not remove_b_pre, "stats_modality": stats_modality},
+                             threshold=threshold, ratio=ratio, top=top)
 
 
 class ConceptTable:

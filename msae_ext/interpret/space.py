@@ -118,15 +118,16 @@ def apply_edits(z: torch.Tensor, edits: list[Edit], d_sae: int) -> torch.Tensor:
 
 
 
-def open_space(sae: str | Path, modality: str | None = None, concepts: str | Path | None = None,
+def open_space(sae, modality: str | None = None, concepts: Any = None,
                device: str = "cpu") -> tuple[ConceptSpace, Any]:
-    """An SAE folder as a ConceptSpace (in `modality`, by default its training modality) and its
-    concepts.json as a ConceptTable (None without one), checked against each other."""
+    """An SAE (a folder, or an SAE already loaded, e.g. from a release) as a ConceptSpace (in
+    `modality`, by default its training modality) and its concepts (a concepts.json path or a
+    ConceptTable) as a ConceptTable (None without one), checked against each other."""
     from ..loading import load_sae
     from .concepts import ConceptError, ConceptTable
 
-    loaded = load_sae(sae, device=device)
-    table = ConceptTable.load(concepts) if concepts else None
+    loaded = load_sae(sae, device=device) if isinstance(sae, (str, Path)) else sae.to(device)
+    table = concepts if isinstance(concepts, ConceptTable) or concepts is None else ConceptTable.load(concepts)
     if table is not None and len(table.neurons) != loaded.cfg.d_sae:
-        raise ConceptError(f"{concepts} names {len(table.neurons)} neurons, the SAE has {loaded.cfg.d_sae}")
+        raise ConceptError(f"{table.source} names {len(table.neurons)} neurons, the SAE has {loaded.cfg.d_sae}")
     return ConceptSpace(loaded, modality or loaded.cfg.metadata.get("modality") or "image"), table

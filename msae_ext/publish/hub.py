@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import yaml
 
 from ..fileio import plain_name, write_text_atomic
+from ..normalization import FOLDED_METADATA_KEY, METADATA_KEY
 
 EVAL_COLUMNS = (("l0_sparsity", "L0 (frac. zeros)"), ("l0_active", "active latents"), ("fvu", "FVU"),
                 ("cos_sim", "CS"), ("cknna", "CKNNA"), ("dead_neurons", "NDN"))
@@ -26,6 +28,19 @@ EVAL_COLUMNS = (("l0_sparsity", "L0 (frac. zeros)"), ("l0_active", "active laten
 
 class PublishError(ValueError):
     pass
+
+
+_LOCAL_PATH = re.compile(r"(?<![\w.~/])(?:~|/(?!/))[^\s'\",;()]*")  # not a URL's //
+
+
+def public_text(text: str) -> str:
+    """`text` with every absolute or home path cut to its last two components: a model card names
+    data, never the publisher's file system (/home/me/data/cc3m/train.npy -> .../cc3m/train.npy)."""
+    def cut(m: re.Match) -> str:
+        parts = [p for p in m.group(0).split("/") if p and p != "~"]
+        return ".../" + "/".join(parts[-2:]) if parts else m.group(0)
+
+    return _LOCAL_PATH.sub(cut, text)
 
 
 def sae_id_for(cfg: dict[str, Any], modality: str) -> str:
@@ -60,6 +75,8 @@ def _stage_one(sae_dir: Path, out: Path, modality: str | None, fmt: str) -> dict
         if (sae_dir / name).exists():
             entry[name] = (sae_dir / name).read_text()
     entry["provenance"] = _provenance(entry)
+    if "train_config.yaml" in entry:  # the recipe as shown on the card, without the publisher's paths
+        entry["train_config.yaml"] = public_text(entry["train_config.yaml"])
     return entry
 
 
@@ -72,17 +89,17 @@ def _provenance(entry: dict[str, Any]) -> dict[str, Any]:
     if "train_config.yaml" in entry:
         train_data = (yaml.safe_load(entry["train_config.yaml"]) or {}).get("train_data")
     if isinstance(train_data, (str, Path)):
-        out["train_data"] = str(train_data)
+        out["train_data"] = public_text(str(train_data))
         manifest = Path(train_data) / "manifest.json"
-        if manifest.exists():
+        if manifest.exists():  # the data named by its manifest: model, dataset, rows
             m = json.loads(manifest.read_text())
             out["clip"] = out["clip"] or f"{m.get('model')} ({m.get('pretrained')})"
-            out["dataset"] = m.get("source")
+            out["dataset"] = public_text(str(m.get("source"))) if m.get("source") else None
             out["rows"] = m.get("n_rows")
     elif isinstance(train_data, dict) and "clip" in train_data:
         c = train_data["clip"]
         out["clip"] = out["clip"] or f"{c.get('model')} ({c.get('pretrained')})"
-        out["dataset"] = c.get("dataset")
+        out["dataset"] = public_text(str(c.get("dataset")))
     return out
 
 
@@ -110,7 +127,7 @@ def model_card(repo: str, entries: dict[str, dict[str, Any]], title: str | None 
     for sae_id, e in entries.items():
         m, p = e["metadata"], e["provenance"]
         stats = m.get("msae_normalization") or m.get("msae_folded_normalization") or {}
-        src = {mod: s.get("source", "") for mod, s in stats.items()}
+        src = {mod: public_text(str(s.get("source", ""))) for mod, s in stats.items()}
         data = (f"trained on {p['dataset']} ({p.get('rows') or '?'} rows)" if p.get("dataset")
                 else f"trained on {p['train_data']}" if p.get("train_data") else "training data not recorded")
         lines.append(f"- `{sae_id}`: CLIP {p.get('clip') or 'model not recorded'}; {data}; normalisation statistics from "
@@ -155,6 +172,10 @@ def stage_release(sae_dirs: list[str | Path], repo: str, out: str | Path, *, sae
         sae_id = sae_ids[i] if sae_ids else sae_id_for(cfg, m)
         if sae_id in ids:
             raise PublishError(f"two SAEs would be published as {sae_id!r}; give --sae-id for each")
+        meta = cfg.get("metadata") or {}
+        if m not in {**(meta.get(METADATA_KEY) or {}), **(meta.get(FOLDED_METADATA_KEY) or {})}:
+            raise PublishError(f"{d}: no {m} statistics in cfg.json, so the published SAE could not take raw {m} "
+                               f"embeddings; attach them with `msae stats --sae {d} --modality {m} --data ...`")
         ids[sae_id] = d
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
