@@ -59,8 +59,8 @@ def sae_entry(release: str, sae_id: str) -> dict[str, Any]:
 def _find(repo_id: str, path: str) -> tuple[str, str]:
     """(release, sae id) of a registry entry, from what sae-lens hands a loader."""
     for release, value in load_registry().items():
-        for entry in value["saes"]:
-            if value["repo_id"] == repo_id and str(entry["path"]) == path:
+        for entry in value["saes"]:  # an SAE's weights, its concept matrix, or the release's vocabulary
+            if value["repo_id"] == repo_id and path in (str(entry["path"]), entry.get("concepts"), value.get("vocabulary")):
                 return release, entry["id"]
     return repo_id, path
 
