@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +65,28 @@ def write_report(reports: dict[str, dict[str, Any]], out_dir: str | Path) -> tup
     points = [{"name": name, **r} for name, r in reports.items()]
     figure = sparsity_fidelity_figure(points, out_dir / "sparsity_fidelity.png")
     return table, figure
+
+
+def table18_markdown(groups: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]]) -> str:
+    """The paper's Table 18: per group of seeds, sparsity (L0, fraction of zeros) and FVU as mean
+    (± std over the seeds' reports) and decoder / encoder stability (mean over seed pairs), rows
+    sorted by sparsity, sparsest first."""
+    def mean_std(reports: list[dict[str, Any]], key: str) -> tuple[float, float] | None:
+        values = [r[key] for r in reports if isinstance(r.get(key), (int, float))]
+        if not values:
+            return None
+        return float(sum(values) / len(values)), (float(statistics.stdev(values)) if len(values) > 1 else 0.0)
+
+    def cell(ms: tuple[float, float] | None) -> str:
+        return "–" if ms is None else f"{ms[0]:.3f}" + (f" ± {ms[1]:.3f}" if ms[1] else "")
+
+    rows = []
+    for name, (reports, stab) in groups.items():
+        l0, fvu_ = mean_std(reports, "l0_sparsity"), mean_std(reports, "fvu")
+        m, t = stab["mean"], stab["threshold"]
+        rows.append((l0[0] if l0 else -1.0, f"| {name} | {len(stab['saes'])} | {cell(l0)} | {cell(fvu_)} | "
+                     f"{m['decoder_mean_cos']:.3f}/{m['encoder_mean_cos']:.3f} | "
+                     f"{m[f'decoder_frac_above_{t}']:.3f}/{m[f'encoder_frac_above_{t}']:.3f} |"))
+    head = ["| model | seeds | Sparsity (L0) ↑ | Reconstruction (FVU) ↓ | Stability (decoder/encoder) ↑ | "
+            "matched above 0.7 (decoder/encoder) ↑ |", "|---|---:|---:|---:|---:|---:|"]
+    return "\n".join(head + [r for _, r in sorted(rows, key=lambda t: -t[0])])

@@ -15,7 +15,7 @@ STAGES = [
     {"embed"},
     {"store", "normalization"},
     {"config", "train"},
-    {"evaluate", "report"},
+    {"evaluate", "report", "stability"},
     {"recipes"},
     {"interpret"},
     {"publish", "export"},
