@@ -1,7 +1,7 @@
 """msae_ext: hierarchical (Matryoshka) sparse autoencoders for CLIP, as a sae-lens extension.
 
 `import msae_ext` is light: the names below load on first use. Its architectures (msae,
-msae_relu, msae_topk, msae_batchtopk) and its Hub releases are registered with sae-lens as soon
+msae_relu, msae_topk, msae_batchtopk, msae_jumprelu) and its Hub releases are registered with sae-lens as soon
 as sae-lens is imported (at once, if it already is), so `sae_lens.SAE.load_from_disk` and
 `SAE.from_pretrained` load what this package saves, in either import order.
 """

@@ -9,6 +9,8 @@ from msae_ext.architectures import (
     ARCHITECTURES,
     BatchTopKTrainingSAE,
     BatchTopKTrainingSAEConfig,
+    JumpReLUTrainingSAE,
+    JumpReLUTrainingSAEConfig,
     MSAETrainingSAE,
     MSAETrainingSAEConfig,
     ReLUTrainingSAE,
@@ -287,3 +289,56 @@ def test_native_protocols(tmp_path):
     torch.testing.assert_close(b.encode(x), pre * (pre > 0.05))
     assert "topk_threshold" not in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
         tmp_path / "b" / "sae_weights.safetensors")
+
+
+def test_jumprelu_l0_loss_and_threshold_gradient(tmp_path):
+    """The L0 term counts pre-activations above each latent's threshold; its straight-through
+    gradient reaches the threshold through sae-lens's rectangle kernel; after saving, the native
+    protocol gates at the learned thresholds and the paper's is ReLU only."""
+    from sae_lens import SAE
+
+    sae = make(JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, l0_coefficient=0.5, jumprelu_bandwidth=0.4,
+               dtype="float64")
+    with torch.no_grad():
+        sae.W_enc.mul_(20)
+        sae.threshold.copy_(torch.rand(32) * 0.5)
+    x = torch.randn(64, 8, dtype=torch.float64)
+    inp = TrainStepInput(sae_in=x, coefficients={"l0": 0.5}, dead_neuron_mask=None, n_training_steps=0,
+                         is_logging_step=False)
+    out = sae.training_forward_pass(inp)
+    h, theta = out.hidden_pre.detach(), sae.threshold.detach().double()
+    torch.testing.assert_close(out.feature_acts, h * (h > theta))
+    torch.testing.assert_close(out.losses["l0_loss"], 0.5 * (h > theta).double().sum(-1).mean())
+    sae.threshold.grad = None
+    out.losses["l0_loss"].backward()
+    inside = ((h - theta) / 0.4).abs() < 0.5  # d/dtheta of the step: -(1/bandwidth) rect((h - theta) / bandwidth)
+    torch.testing.assert_close(sae.threshold.grad.double(), 0.5 * (-(1 / 0.4) * inside.double()).mean(0))
+    assert sae.threshold.grad.abs().sum() > 0
+
+    sae.save_inference_model(tmp_path)
+    loaded = SAE.load_from_disk(tmp_path)
+    assert type(loaded).__name__ == "JumpReLUPaperSAE" and torch.equal(loaded.threshold, sae.threshold.float())
+    xf = torch.randn(9, 8)
+    pre = (xf - loaded.b_dec) @ loaded.W_enc + loaded.b_enc
+    torch.testing.assert_close(loaded.encode(xf), pre.relu())
+    loaded.set_protocol("native")
+    torch.testing.assert_close(loaded.encode(xf), (pre * (pre > loaded.threshold)).relu())
+    loaded.set_protocol("paper")
+    assert loaded.cfg.use_threshold is False
+
+
+def test_jumprelu_l0_follows_its_coefficient(tmp_path, embeddings):
+    """Through the runner, in one data pass: a larger l0_coefficient gives a smaller native L0."""
+    from msae_ext import load_config, train_many
+    from msae_ext.evaluate import evaluate_sae
+    from msae_ext.loading import load_sae
+
+    train_path, eval_path, _ = embeddings
+    cfg = load_config(None, ["architecture=jumprelu", "d_sae=64", "epochs=12", "batch_size=128", "lr=0.003",
+                             f"train_data={train_path}", "saes=[{name: l0, l0_coefficient: 0.0}, "
+                             "{name: l3, l0_coefficient: 0.3}]"])
+    train_many(cfg, tmp_path, progress=False)
+    l0 = {}
+    for name in ("l0", "l3"):
+        l0[name] = evaluate_sae(load_sae(tmp_path / name), str(eval_path), protocol="native")["l0_active"]
+    assert l0["l3"] < 0.8 * l0["l0"], l0

@@ -101,8 +101,8 @@ def test_cli_errors_are_clear(tmp_path, embeddings, capsys):
     assert main(["eval", "--sae", str(tmp_path / "m"), "--data", str(evalx), "--modality", "text",
                  "--out", str(tmp_path / "r.json")]) == 2
     assert "no 'text' normalisation statistics" in capsys.readouterr().err
-    assert main(["train", str(config), "--set", "architecture=jumprelu", "--out", str(tmp_path / "x")]) == 2
-    assert "unknown architecture 'jumprelu'" in capsys.readouterr().err
+    assert main(["train", str(config), "--set", "architecture=gated", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown architecture 'gated'" in capsys.readouterr().err
     # a missing path is reported by the parser itself, before anything is imported
     for argv, message in ((["export", "--sae", str(tmp_path / "nothing"), "--modality", "image", "--out", "e"],
                            "nothing: no such SAE folder"),

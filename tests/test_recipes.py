@@ -39,9 +39,9 @@ def test_recipes_cover_the_paper_with_its_hyperparameters():
     for path in RECIPES:
         cfg, extra = load_recipe(path)
         members = cfg.member_configs()
-        assert extra["paper"]["reported_in"] and extra["evaluate"]
+        assert (extra["paper"].get("reported_in") or "not in the paper" in extra["paper"]["note"]) and extra["evaluate"]
         assert cfg.epochs == (20 if cfg.expansion_factor == 32 else 30) and cfg.batch_size == 4096
-        lr = {"relu": 5e-5, "topk": 5e-4, "batchtopk": 5e-4, "msae": 1e-4}[cfg.architecture]
+        lr = {"relu": 5e-5, "topk": 5e-4, "batchtopk": 5e-4, "msae": 1e-4, "jumprelu": 5e-5}[cfg.architecture]
         assert all(m.learning_rate == lr for m in members)
         fam = path.stem.split("_")[1]
         if fam == "relu":
@@ -50,6 +50,8 @@ def test_recipes_cover_the_paper_with_its_hyperparameters():
             assert [m.options["k"] for m in members] == [32, 64, 128, 256, 512]
         elif fam == "batchtopk":
             assert [m.options["k"] for m in members] == [16, 32, 64, 128, 256]
+        elif fam == "jumprelu":  # six coefficients: the reviewers' curve
+            assert [m.options["l0_coefficient"] for m in members] == [0.3, 0.1, 0.03, 0.01, 0.003, 0.001]
         else:
             assert sorted(m.options["weighting"] for m in members) == ["rw", "uw"]
     assert load_recipe(ROOT / "recipes/vitl14_msae_128_256_x8.yaml")[0].options["k_list"] == [128, 256]

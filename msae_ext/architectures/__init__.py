@@ -21,6 +21,7 @@ from sae_lens.saes.sae import TrainingSAEConfig
 
 from .base import PaperSAE, PaperSAEConfig, PaperTrainingSAE, PaperTrainingSAEConfig, soft_cap
 from .batchtopk import BatchTopKSAEConfig, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+from .jumprelu import JumpReLUPaperSAE, JumpReLUSAEConfig, JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 from .msae import MSAEConfig, MSAETrainingSAE, MSAETrainingSAEConfig, resolve_alphas, resolve_k_list
 from .nested_topk import nested_topk_loss, nested_topk_loss_reference
 from .relu import ReLUSAEConfig, ReLUTrainingSAE, ReLUTrainingSAEConfig
@@ -28,7 +29,7 @@ from .topk import TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 
 #: training-config fields that are not options of a run: sae-lens's own (set by the runner) and
 #: the inference protocol's (set at evaluation)
-_NOT_OPTIONS = {f.name for f in fields(TrainingSAEConfig)} | {"inference_k", "inference_threshold"}
+_NOT_OPTIONS = {f.name for f in fields(TrainingSAEConfig)} | {"inference_k", "inference_threshold", "use_threshold"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Architecture:
     training_sae: type[PaperTrainingSAE]
     training_config: type[PaperTrainingSAEConfig]
     lr: float  # the paper's learning rate (paper-recipe, Optimisation)
+    inference_sae: type[PaperSAE] = PaperSAE  # the class cfg.json's architecture loads as
 
     def options(self) -> dict[str, Any]:
         """The architecture's run options and their defaults."""
@@ -54,6 +56,8 @@ ARCHITECTURES = {a.name: a for a in (
     Architecture("relu", "msae_relu", ReLUSAEConfig, ReLUTrainingSAE, ReLUTrainingSAEConfig, 5e-5),
     Architecture("topk", "msae_topk", TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig, 5e-4),
     Architecture("batchtopk", "msae_batchtopk", BatchTopKSAEConfig, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, 5e-4),
+    Architecture("jumprelu", "msae_jumprelu", JumpReLUSAEConfig, JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, 5e-5,
+                 JumpReLUPaperSAE),
 )}
 
 
@@ -68,7 +72,7 @@ def register_all() -> None:
     """Register every architecture with sae-lens; safe to call more than once."""
     for a in ARCHITECTURES.values():
         if a.sae_lens_name not in SAE_CLASS_REGISTRY:
-            register_sae_class(a.sae_lens_name, PaperSAE, a.inference_config)
+            register_sae_class(a.sae_lens_name, a.inference_sae, a.inference_config)
         if a.sae_lens_name not in SAE_TRAINING_CLASS_REGISTRY:
             register_sae_training_class(a.sae_lens_name, a.training_sae, a.training_config)
 
@@ -81,6 +85,10 @@ __all__ = [
     "BatchTopKSAEConfig",
     "BatchTopKTrainingSAE",
     "BatchTopKTrainingSAEConfig",
+    "JumpReLUPaperSAE",
+    "JumpReLUSAEConfig",
+    "JumpReLUTrainingSAE",
+    "JumpReLUTrainingSAEConfig",
     "MSAEConfig",
     "MSAETrainingSAE",
     "MSAETrainingSAEConfig",

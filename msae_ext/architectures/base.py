@@ -129,6 +129,8 @@ class PaperSAE(SAE[PaperSAEConfig]):
         if protocol == "paper":
             self.cfg.inference_k = None
             self.cfg.inference_threshold = None
+            for key in self.cfg.native_overrides():  # back to the dataclass default (off)
+                setattr(self.cfg, key, type(self.cfg).__dataclass_fields__[key].default)
         elif protocol == "native":
             self.cfg.inference_k = None
             self.cfg.inference_threshold = None
