@@ -463,6 +463,13 @@ def _run(cfgs: list[TrainConfig], dirs: list[Path], root: Path, resume: bool, pr
     base = cfgs[0]
     if base.train_data is None:
         raise ValueError("train_data is not set (a path to embeddings; see msae_ext.store)")
+    fitted = [architecture(c.architecture).classical is not None for c in cfgs]
+    if any(fitted):
+        if not all(fitted):
+            raise ValueError("a run cannot mix the classical baselines (fitted by scikit-learn) with trained SAEs; "
+                             "give them runs of their own")
+        with exclusive(root, "msae train"):
+            return [_fit_classical(c, d, resume, progress, evaluator) for c, d in zip(cfgs, dirs)]
     check_device(base.device)
     env, device = init_distributed(base.device)
     # one writer per run folder (rank 0 writes for every rank)
@@ -584,6 +591,63 @@ def _run_held(cfgs: list[TrainConfig], dirs: list[Path], root: Path, resume: boo
     return results
 
 
+def _fit_classical(cfg: TrainConfig, out_dir: Path, resume: bool, progress: bool,
+                   evaluator: Evaluator | None) -> TrainResult:
+    """A classical baseline (architectures/classical): fitted by scikit-learn on the run's stream
+    of preprocessed batches, saved as an SAE folder, evaluated like a trained one. A finished fit
+    of the same config is kept; there are no checkpoints (a killed fit starts again)."""
+    from .architectures import build_sae
+
+    method = architecture(cfg.architecture).classical
+    source = open_embeddings(cfg.train_data)
+    d_sae = cfg.resolve_d_sae(source.d_in)
+    method.training_config(d_in=source.d_in, d_sae=d_sae, device="meta", **cfg.options)  # the options' checks
+    if cfg.eval_data is not None:
+        eval_source = open_embeddings(cfg.eval_data)
+        check_dimension(eval_source, source.d_in)
+        check_finite(eval_source)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = out_dir / "eval.json"
+    if resume and all((out_dir / f).exists() for f in ("cfg.json", "sae_weights.safetensors")):
+        _check_same_run(cfg, out_dir)
+        from .loading import load_sae
+
+        report = json.loads(done.read_text()) if done.exists() else None
+        return TrainResult(out_dir, load_sae(out_dir), 0, out_dir, report)
+    (out_dir / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    stats = compute_stats(source)  # also rejects NaN / inf rows
+    write_text_atomic(out_dir / "normalization.json", json.dumps(stats.to_dict()))
+    stream = BatchStream(source, cfg.batch_size, seed=cfg.stream_seed, chunk_rows=cfg.chunk_rows,
+                         buffer_rows=cfg.buffer_rows)
+    pbar = _progress(stream.batches_per_epoch * cfg.epochs, 0, f"fit {cfg.architecture}", progress)
+
+    def batches(epoch: int):
+        for batch in stream.epoch_batches(epoch):
+            pbar.update(1)
+            yield stats.apply(batch).double().numpy()
+
+    def sample(n: int) -> np.ndarray:
+        rows = np.sort(np.random.default_rng(cfg.seed).choice(source.n_rows, min(n, source.n_rows), replace=False))
+        return stats.apply(torch.from_numpy(read_all(source, rows))).double().numpy()
+
+    start = time.time()
+    try:
+        fields, weights = method.fit(cfg.options, source.d_in, d_sae, batches, sample, cfg.epochs, cfg.seed)
+    finally:
+        pbar.close()
+    sae = build_sae(method, source.d_in, d_sae, fields, weights)
+    sae.cfg.metadata[METADATA_KEY] = stats_to_metadata({cfg.modality: stats})
+    sae.cfg.metadata.msae_train_config = cfg.to_dict()
+    sae.cfg.metadata.modality = cfg.modality
+    sae.cfg.metadata.fit_seconds = round(time.time() - start, 3)
+    save_inference_sae(sae, out_dir)
+    report = None
+    if evaluator is not None and cfg.final_eval and cfg.eval_data is not None:
+        report = evaluator(out_dir)
+        write_text_atomic(done, json.dumps(report, indent=2))
+    return TrainResult(out_dir, sae, stream.batches_per_epoch * cfg.epochs, None, report)
+
+
 #: keys that may change between a killed run and its resumption
 RESUMABLE_CHANGES = {"wandb", "eval_every", "eval_rows", "checkpoint_every", "keep_checkpoints", "final_eval",
                      "device", "data_on_device", "compile", "autocast"}
@@ -618,7 +682,7 @@ def save_inference_sae(sae: PaperTrainingSAE, out_dir: Path, trainer: PaperTrain
     tmp = out_dir / f".tmp-final-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    sae.save_inference_model(tmp)
+    (sae.save_inference_model if hasattr(sae, "save_inference_model") else sae.save_model)(tmp)
     if trainer is not None:
         save_file({"sparsity": trainer.log_feature_sparsity}, tmp / "sparsity.safetensors")
     # the files replace the old ones as a set: cfg.json, which makes the folder loadable, goes first

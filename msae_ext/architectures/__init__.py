@@ -4,6 +4,8 @@ Each architecture is one `Architecture` entry below: its runner name (the `archi
 run config), its sae-lens name (`architecture` in cfg.json), its classes and the paper's learning
 rate. Its options are the fields its training config declares (k, k_list, weighting, ...): a run
 config's other keys (`msae_ext.config`). Adding an architecture means adding its file and an entry.
+The classical baselines (`classical/`) are entries too, with a scikit-learn method that the
+runner fits instead of training.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from sae_lens.registry import (
 from sae_lens.saes.sae import TrainingSAEConfig
 
 from .base import PaperSAE, PaperSAEConfig, PaperTrainingSAE, PaperTrainingSAEConfig, soft_cap
+from .classical import ClassicalSAE, Method, build_sae
+from .classical import dictionary as _dictionary
+from .classical import ica as _ica
+from .classical import kmeans as _kmeans
+from .classical import nmf as _nmf
 from .batchtopk import BatchTopKSAEConfig, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 from .jumprelu import JumpReLUPaperSAE, JumpReLUSAEConfig, JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 from .msae import MSAEConfig, MSAETrainingSAE, MSAETrainingSAEConfig, resolve_alphas, resolve_k_list
@@ -36,11 +43,12 @@ _NOT_OPTIONS = {f.name for f in fields(TrainingSAEConfig)} | {"inference_k", "in
 class Architecture:
     name: str  # the runner's name: `architecture: msae`
     sae_lens_name: str  # `architecture` in cfg.json
-    inference_config: type[PaperSAEConfig]
-    training_sae: type[PaperTrainingSAE]
-    training_config: type[PaperTrainingSAEConfig]
-    lr: float  # the paper's learning rate (paper-recipe, Optimisation)
-    inference_sae: type[PaperSAE] = PaperSAE  # the class cfg.json's architecture loads as
+    inference_config: type
+    training_sae: type[PaperTrainingSAE] | None  # None: fitted, not trained (`classical`)
+    training_config: type
+    lr: float  # the paper's learning rate (paper-recipe, Optimisation); unused by fitted methods
+    inference_sae: type = PaperSAE  # the class cfg.json's architecture loads as
+    classical: Method | None = None  # a scikit-learn method the runner fits instead of training
 
     def options(self) -> dict[str, Any]:
         """The architecture's run options and their defaults."""
@@ -58,6 +66,10 @@ ARCHITECTURES = {a.name: a for a in (
     Architecture("batchtopk", "msae_batchtopk", BatchTopKSAEConfig, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, 5e-4),
     Architecture("jumprelu", "msae_jumprelu", JumpReLUSAEConfig, JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, 5e-5,
                  JumpReLUPaperSAE),
+    *(Architecture(name, m.inference_config.architecture(), m.inference_config, None, m.training_config, 0.0,
+                   m.inference_sae, m)
+      for name, m in (("nmf", _nmf.METHOD), ("dictionary", _dictionary.METHOD), ("ica", _ica.METHOD),
+                      ("kmeans", _kmeans.METHOD))),
 )}
 
 
@@ -73,7 +85,7 @@ def register_all() -> None:
     for a in ARCHITECTURES.values():
         if a.sae_lens_name not in SAE_CLASS_REGISTRY:
             register_sae_class(a.sae_lens_name, a.inference_sae, a.inference_config)
-        if a.sae_lens_name not in SAE_TRAINING_CLASS_REGISTRY:
+        if a.training_sae is not None and a.sae_lens_name not in SAE_TRAINING_CLASS_REGISTRY:
             register_sae_training_class(a.sae_lens_name, a.training_sae, a.training_config)
 
 
@@ -82,6 +94,8 @@ register_all()
 __all__ = [
     "ARCHITECTURES",
     "Architecture",
+    "ClassicalSAE",
+    "build_sae",
     "BatchTopKSAEConfig",
     "BatchTopKTrainingSAE",
     "BatchTopKTrainingSAEConfig",
