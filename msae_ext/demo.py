@@ -119,7 +119,7 @@ def run_demo(out_dir: str | Path = "msae_demo", quick: bool = False, progress: b
         report["train_steps"] = result.steps
         (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
         reports[name] = report
-    table, figure = write_report(reports, out_dir)
+    table, figure, *_ = write_report(reports, out_dir)
     print()
     print(table1_markdown(reports))
     print()

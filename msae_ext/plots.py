@@ -74,6 +74,31 @@ def sparsity_fidelity_figure(points: list[dict[str, Any]], path: str | Path) -> 
     return _save(plt, fig, path, dpi=120)
 
 
+def pareto_figure(points: list[dict[str, Any]], path: str | Path) -> Path:
+    """Sparsity against FVU and against cosine similarity: one curve per architecture through its
+    settings, error bars the standard deviation over seeds, the frontier ringed and joined."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    series = sorted({p["series"] for p in points})
+    for ax, key, label in ((axes[0], "fvu", "FVU (← better reconstruction)"),
+                           (axes[1], "cos_sim", "cosine similarity (→ better reconstruction)")):
+        for name in series:
+            ps = sorted((p for p in points if p["series"] == name), key=lambda p: p["l0_sparsity"])
+            ax.errorbar([p["l0_sparsity"] for p in ps], [p[key] for p in ps],
+                        xerr=[p["l0_sparsity_std"] for p in ps], yerr=[p[f"{key}_std"] for p in ps],
+                        marker="o", ms=4, capsize=3, label=name)
+        front = sorted((p for p in points if p["frontier"]), key=lambda p: p["l0_sparsity"])
+        ax.plot([p["l0_sparsity"] for p in front], [p[key] for p in front], "k--", lw=0.8, label="frontier")
+        ax.scatter([p["l0_sparsity"] for p in front], [p[key] for p in front], s=110, facecolors="none",
+                   edgecolors="k", lw=1)
+        ax.set_xlabel("L0, fraction of zero latents (→ sparser)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="best")
+    fig.suptitle("Sparsity–reconstruction Pareto view (mean ± std over seeds)")
+    return _save(plt, fig, path, dpi=120)
+
+
 def image_grid(images: list[tuple[Any, str]], path: str | Path, title: str = "", cols: int = 3) -> Path:
     """A grid of (PIL image, caption) pairs: top-activating examples (figures 18, 22)."""
     plt = _plt()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 #: (column title, report key, format) in the order of the paper's Table 1.
 TABLE1_COLUMNS = (
@@ -54,9 +57,46 @@ def table1_markdown(reports: dict[str, dict[str, Any]]) -> str:
     return "\n".join([head, rule, *rows])
 
 
-def write_report(reports: dict[str, dict[str, Any]], out_dir: str | Path) -> tuple[Path, Path]:
-    """table1.md and sparsity_fidelity.png in out_dir."""
-    from .plots import sparsity_fidelity_figure
+#: the seed part of a run's name ("k-64_seed-1" -> "k-64"): runs differing only there are seeds of one setting
+SEED_PART = re.compile(r"(^|_)seed-?\d+(?=_|$)")
+PARETO_KEYS = ("l0_sparsity", "fvu", "cos_sim")
+
+
+def pareto_points(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One point per (architecture, setting): the mean and standard deviation over its seeds of
+    sparsity, FVU and cosine, and whether it is on the frontier (no other point is at least as
+    sparse with lower FVU)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for name, r in reports.items():
+        setting = SEED_PART.sub("", name).strip("_") or name
+        groups.setdefault((str(r.get("architecture", "?")), setting), []).append(r)
+    points = []
+    for (series, setting), rs in groups.items():
+        p: dict[str, Any] = {"series": series, "setting": setting, "seeds": len(rs)}
+        for key in PARETO_KEYS:
+            values = [float(r[key]) for r in rs if isinstance(r.get(key), (int, float))]
+            p[key] = float(np.mean(values)) if values else float("nan")
+            p[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        points.append(p)
+    for p in points:
+        p["frontier"] = not any(q is not p and q["l0_sparsity"] >= p["l0_sparsity"] and q["fvu"] < p["fvu"]
+                                for q in points)
+    return sorted(points, key=lambda p: (p["series"], p["l0_sparsity"]))
+
+
+def pareto_markdown(points: list[dict[str, Any]]) -> str:
+    lines = ["| architecture | setting | seeds | L0 (frac. zeros) ↑ | FVU ↓ | CS ↑ | frontier |", "|---|---|---:|---:|---:|---:|:-:|"]
+    for p in points:
+        cells = [f"{p[k]:.3f} ± {p[f'{k}_std']:.3f}" for k in PARETO_KEYS]
+        lines.append(f"| {p['series']} | {p['setting']} | {p['seeds']} | " + " | ".join(cells)
+                     + f" | {'●' if p['frontier'] else ''} |")
+    return "\n".join(lines)
+
+
+def write_report(reports: dict[str, dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """table1.md and sparsity_fidelity.png in out_dir, and the Pareto view over seeds: pareto.md,
+    pareto.json (the points the figure draws) and pareto.png."""
+    from .plots import pareto_figure, sparsity_fidelity_figure
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -64,7 +104,10 @@ def write_report(reports: dict[str, dict[str, Any]], out_dir: str | Path) -> tup
     table.write_text(table1_markdown(reports) + "\n")
     points = [{"name": name, **r} for name, r in reports.items()]
     figure = sparsity_fidelity_figure(points, out_dir / "sparsity_fidelity.png")
-    return table, figure
+    pareto = pareto_points(reports)
+    (out_dir / "pareto.md").write_text(pareto_markdown(pareto) + "\n")
+    (out_dir / "pareto.json").write_text(json.dumps(pareto, indent=1))
+    return [table, figure, out_dir / "pareto.md", pareto_figure(pareto, out_dir / "pareto.png")]
 
 
 def table18_markdown(groups: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]]) -> str:

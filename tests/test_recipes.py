@@ -40,6 +40,8 @@ def test_recipes_cover_the_paper_with_its_hyperparameters():
         cfg, extra = load_recipe(path)
         members = cfg.member_configs()
         assert (extra["paper"].get("reported_in") or "not in the paper" in extra["paper"]["note"]) and extra["evaluate"]
+        if cfg.architecture in ("nmf", "dictionary", "ica", "kmeans"):  # fitted by scikit-learn, not trained
+            continue
         assert cfg.epochs == (20 if cfg.expansion_factor == 32 else 30) and cfg.batch_size == 4096
         lr = {"relu": 5e-5, "topk": 5e-4, "batchtopk": 5e-4, "msae": 1e-4, "jumprelu": 5e-5}[cfg.architecture]
         assert all(m.learning_rate == lr for m in members)
@@ -72,6 +74,20 @@ def test_recipes_readme_maps_every_recipe():
     readme = (ROOT / "recipes/README.md").read_text()
     for path in RECIPES:
         assert f"`{path.stem}`" in readme, path.stem
+
+
+def test_pareto_grids_have_six_settings_and_three_seeds():
+    grids = sorted((ROOT / "recipes" / "sweeps").glob("pareto_*.yaml"))
+    families = {p.stem.removeprefix("pareto_vitl14_") for p in grids}
+    assert {"relu", "topk", "batchtopk", "jumprelu", "msae", "nmf", "dictionary", "kmeans"} <= families
+    readme = (ROOT / "recipes/README.md").read_text()
+    for path in grids:
+        sweep = load_sweep(path)
+        params = sweep["parameters"]
+        assert params["seed"]["values"] == [0, 1, 2]
+        settings = len(grid_members(sweep)) // 3
+        assert settings >= 6, path.name
+        assert f"`{path.stem}`" in readme, path.name  # the README says what each grid answers
 
 
 def test_sweep_files_validate():
@@ -202,3 +218,35 @@ def test_sweep_local_and_agent(tiny_recipe, tmp_path):
     assert (run_dir / "cfg.json").exists() and (run_dir / "eval_heldout.json").exists()
     cfg = yaml.safe_load((run_dir / "train_config.yaml").read_text())
     assert cfg["lr"] == 0.002 and cfg["weighting"] == "uw"
+
+
+def test_a_sweep_of_two_seeds_gives_the_pareto_error_bars(tiny_recipe, tmp_path):
+    """Two settings x two seeds through `msae sweep --local`: each setting is one Pareto point whose
+    mean and spread are those of its two seeds' reports, and the figure is drawn from them."""
+    from msae_ext.report import pareto_points
+
+    sweep = {"program": "msae_ext/cli/__main__.py", "method": "grid",
+             "metric": {"name": "eval/fvu", "goal": "minimize"},
+             "parameters": {"k_min": {"values": [4, 16]}, "seed": {"values": [0, 1]}},
+             "command": ["${env}", "${interpreter}", "-m", "msae_ext.cli", "sweep", "--agent", "x", "--recipe",
+                         tiny_recipe.name, "${args}"]}
+    path = tiny_recipe.parent / "seeds.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    out = tmp_path / "pareto"
+    assert msae_cli.main(["sweep", str(path), "--local", "--out", str(out), "--no-progress"]) == 0
+    points = json.loads((out / "report_heldout" / "pareto.json").read_text())
+    assert sorted(p["setting"] for p in points) == ["k_min-16", "k_min-4"] and all(p["seeds"] == 2 for p in points)
+    for p in points:
+        seeds = [json.loads((out / f"{p['setting']}_seed-{s}" / "eval_heldout.json").read_text()) for s in (0, 1)]
+        for key in ("l0_sparsity", "fvu", "cos_sim"):
+            values = [r[key] for r in seeds]
+            assert p[key] == pytest.approx(np.mean(values)) and p[f"{key}_std"] == pytest.approx(np.std(values, ddof=1))
+        assert p["fvu_std"] > 0  # two seeds, two different SAEs
+    assert sum(p["frontier"] for p in points) >= 1
+    assert (out / "report_heldout" / "pareto.png").stat().st_size > 0
+    # the frontier: a point is off it when another is at least as sparse with lower FVU
+    planted = {"a_seed-0": {"architecture": "x", "l0_sparsity": 0.9, "fvu": 0.1, "cos_sim": 0.9},
+               "b_seed-0": {"architecture": "x", "l0_sparsity": 0.8, "fvu": 0.2, "cos_sim": 0.8},
+               "c": {"architecture": "y", "l0_sparsity": 0.7, "fvu": 0.05, "cos_sim": 0.99}}
+    front = {p["setting"]: p["frontier"] for p in pareto_points(planted)}
+    assert front == {"a": True, "b": False, "c": True}

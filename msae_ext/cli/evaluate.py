@@ -43,8 +43,12 @@ def add_commands(sub) -> None:
     st.add_argument("--out", required=True, help="STABILITY.json")
     st.set_defaults(func=run_stability)
 
-    r = sub.add_parser("report", help="reports -> Table 1 (markdown) and the sparsity-fidelity figure; "
-                                      "with --stability, Table 18")
+    r = sub.add_parser("report", help="reports -> Table 1 (markdown), the sparsity-fidelity figure and the "
+                                      "Pareto view over seeds; with --stability, Table 18",
+                       description="Reports whose names differ only by a seed part (k-64_seed-0, k-64_seed-1: "
+                                   "what `msae sweep --local` names grid runs) are one setting: pareto.md, "
+                                   "pareto.json and pareto.png give its mean and standard deviation over the "
+                                   "seeds, one curve per architecture, the frontier marked.")
     r.add_argument("reports", nargs="*", type=existing, help="REPORT.json files (or run folders holding eval.json)")
     r.add_argument("--stability", nargs="+", type=existing, default=[],
                    help="STABILITY.json files from `msae stability`: one Table 18 row each, its seeds' eval.json "
@@ -114,14 +118,21 @@ def run_report(args: argparse.Namespace) -> int:
             return 0
         print()
 
-    names = args.names or [Path(p).stem if Path(p).suffix == ".json" and Path(p).stem != "eval"
-                           else Path(p).parent.name if Path(p).suffix == ".json" else Path(p).name
-                           for p in args.reports]
+    def default_name(path: Path) -> str:  # a run's eval_*.json is named by its run (and sweep) folders
+        if path.suffix != ".json":
+            return path.name
+        if path.stem == "eval" or path.stem.startswith("eval_"):
+            return f"{path.parent.parent.name}/{path.parent.name}"
+        return path.stem
+
+    names = args.names or [default_name(Path(p)) for p in args.reports]
     if len(names) != len(args.reports):
         raise ValueError(f"--names gives {len(names)} names for {len(args.reports)} reports")
+    if len(set(names)) != len(names):
+        raise ValueError("two reports would have the same row name; give --names")
     reports = {name: load_report(p) for name, p in zip(names, args.reports)}
     print(table1_markdown(reports))
     if args.out:
-        table, figure = write_report(reports, args.out)
-        print(f"\nwrote {table} and {figure}")
+        written = write_report(reports, args.out)
+        print("\nwrote " + ", ".join(str(p) for p in written))
     return 0
