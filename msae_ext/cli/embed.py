@@ -16,6 +16,7 @@ DATASETS = """dataset specs:
   wds:PATTERN            webdataset tars (dir, glob or shards/{00000..00331}.tar)
   folder:DIR             images (class subfolders -> labels; KEY.txt sidecars or --captions)
   text:FILE              one caption per line
+  wordnet[:POS]          WordNet 3.0 glosses, one per synset (POS noun|verb|adj|adv|all), 45 labels
   hf:NAME_OR_PATH[@SPLIT] Hugging Face dataset (Hub name, save_to_disk folder, parquet/arrow)
 a plain path is detected (.txt, .tar, folder, saved dataset, parquet)."""
 
@@ -28,7 +29,9 @@ def add_commands(sub) -> None:
                     "not normalised) into OUT: shards + manifest.json with ids, labels, captions and checksums. "
                     "A killed run rerun with the same --out resumes. Unreadable images are skipped and listed in "
                     "the manifest. Under torchrun each process embeds its share of the shards.")
-    m.add_argument("--model", required=True, help="open_clip model name (ViT-L-14, ViT-B-16, ...) or a model-config .json")
+    m.add_argument("--model", required=True, help="open_clip model name (ViT-L-14, ViT-B-16, ...) or a model-config "
+                                                  ".json; or wordllama (--pretrained l2_supercat): a text encoder whose "
+                                                  "weights install with pip, standing in for CLIP's text tower")
     m.add_argument("--pretrained", required=True,
                    help="pretrained tag (openai, laion2b_s32b_b82k, ...), a local checkpoint file, or 'none' (random)")
     m.add_argument("--modality", choices=("image", "text", "both"), default="image",

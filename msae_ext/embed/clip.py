@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 
@@ -120,9 +121,11 @@ def load_clip(
 ) -> LoadedClip:
     """An open_clip model, its eval preprocessing and its tokenizer (module docstring). Random
     weights (`pretrained` None) are drawn from `seed`, so every process and every resumption of an
-    embedding run gets the same model."""
+    embedding run gets the same model. `wordllama` is the text-only stand-in (`load_wordllama`)."""
     import open_clip
 
+    if model == "wordllama":
+        return load_wordllama(pretrained or WORDLLAMA_CONFIG, device)
     name = _resolve_model_name(model)
     if pretrained in ("", "none", "None"):
         pretrained = None
@@ -142,3 +145,64 @@ def load_clip(
     config = open_clip.get_model_config(name) or {}
     return LoadedClip(clip, preprocess, tokenizer, name, pretrained, config, torch.device(device),
                       seed if pretrained is None else None)
+
+
+# --------------------------------------------------------------------------------------------
+# A text encoder whose weights install from PyPI: the stand-in for CLIP's text tower where CLIP's
+# weights cannot be downloaded (the demo's real embeddings)
+# --------------------------------------------------------------------------------------------
+
+WORDLLAMA_CONFIG = "l2_supercat"
+
+
+class _Texts(list):
+    """What the wordllama 'tokenizer' hands on: the texts themselves (it tokenizes inside embed)."""
+
+    def to(self, device):  # the embedding loop moves token tensors to the model's device
+        return self
+
+
+class _WordLlamaText(torch.nn.Module):
+    """encode_text over raw strings: WordLlama's average-pooled token embeddings, not normalised."""
+
+    def __init__(self, wl):
+        super().__init__()
+        self.wl = wl
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.wl.embed(list(texts), norm=False), dtype=np.float32))
+
+    def encode_image(self, images):
+        raise ClipLoadError("wordllama is a text encoder: embed --modality text")
+
+
+def load_wordllama(config: str = WORDLLAMA_CONFIG, device: str | torch.device = "cpu") -> LoadedClip:
+    """WordLlama (pip install wordllama), whose 256-d weights ship inside its wheel: loaded offline.
+    Version 0.4 bundles its tokenizer config under `tokenizers/` but looks for it under
+    `tokenizer/` or in a cache folder's `tokenizers/`, so the bundled file is copied into a cache
+    folder of ours."""
+    import shutil
+
+    try:
+        import wordllama
+        from wordllama import WordLlama
+    except ImportError as e:
+        raise ClipLoadError("wordllama is not installed: `pip install wordllama` (the README's install brings it)") from e
+    if config != WORDLLAMA_CONFIG:
+        raise ClipLoadError(f"wordllama: only the bundled config {WORDLLAMA_CONFIG!r} loads offline, got {config!r}")
+    cache = Path(os.environ.get("MSAE_CACHE", Path.home() / ".cache" / "msae_ext")) / "wordllama"
+    bundled = Path(wordllama.__file__).parent / "tokenizers" / f"{config}_tokenizer_config.json"
+    if bundled.is_file():
+        (cache / "tokenizers").mkdir(parents=True, exist_ok=True)
+        target = cache / "tokenizers" / bundled.name
+        if not target.exists():  # copied under another name, then renamed: never a half-written file
+            tmp = target.with_name(f".{target.name}.{os.getpid()}")
+            shutil.copyfile(bundled, tmp)
+            os.replace(tmp, target)
+    try:
+        wl = WordLlama.load(config, cache_dir=cache, disable_download=True)
+    except FileNotFoundError as e:
+        raise ClipLoadError(f"wordllama: its bundled files were not found ({e})") from e
+    dim = int(np.asarray(wl.embed(["x"], norm=False)).shape[-1])
+    return LoadedClip(_WordLlamaText(wl), None, _Texts, "wordllama", config,
+                      {"embed_dim": dim, "text_cfg": {"encoder": "wordllama", "config": config}}, torch.device("cpu"))

