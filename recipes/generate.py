@@ -115,6 +115,25 @@ def extras() -> dict[str, dict]:
                      else [{"name": method}])
         r["evaluate"] = evaluations("vitl14")
         out[f"vitl14_{method}_x{expansion}"] = r
+    # real text embeddings this project can make without CLIP (docs/embed.md): WordNet's noun
+    # definitions embedded by wordllama (256-d) for training, its verb definitions held out, as
+    # the paper trains on CC3M and evaluates on ImageNet; sized for two CPU cores
+    for family, (arch, key, values) in {
+        "relu": ("relu", "l1_coefficient", [0.1, 0.03, 0.01, 0.003, 0.001, 0.0003]),
+        "topk": ("topk", "k", [4, 8, 16, 32, 64, 128]),
+        "msae": ("msae", "weighting", ["rw", "uw"]),
+        "jumprelu": ("jumprelu", "l0_coefficient", [0.3, 0.1, 0.03, 0.01, 0.003, 0.001]),
+    }.items():
+        r = {"paper": {"clip": "none (wordllama l2_supercat, 256-d)", "d_in": 256, "family": family, "expansion": 4,
+                       "note": "not in the paper: real text embeddings made here, for the Pareto grids "
+                               "(recipes/sweeps/pareto_wordnet_*.yaml)"},
+             "architecture": arch, "expansion_factor": 4, "lr": LR[family], "epochs": 2, "batch_size": 1024,
+             "lr_schedule": "constant_then_linear", "lr_decay_start": 0.8, "modality": "text",
+             "train_data": "emb/wordnet/noun", "eval_data": "emb/wordnet/verb", "device": "cpu", "eval_every": 0,
+             **({"k_min": 8} if family == "msae" else {}),
+             "saes": [{"name": f"{family}_{str(v).replace('.', 'p')}", key: v} for v in values],
+             "evaluate": [{"name": "verb", "data": "emb/wordnet/verb", "modality": "text"}]}
+        out[f"wordnet_{family}_x4"] = r
     return out
 
 
