@@ -95,7 +95,8 @@ def pareto_markdown(points: list[dict[str, Any]]) -> str:
 
 def write_report(reports: dict[str, dict[str, Any]], out_dir: str | Path) -> list[Path]:
     """table1.md and sparsity_fidelity.png in out_dir, and the Pareto view over seeds: pareto.md,
-    pareto.json (the points the figure draws) and pareto.png."""
+    pareto.json (the points the figure draws) and pareto.png under the paper's protocol, and
+    pareto_native.* under each architecture's own activation when the reports hold it."""
     from .plots import pareto_figure, sparsity_fidelity_figure
 
     out_dir = Path(out_dir)
@@ -104,10 +105,19 @@ def write_report(reports: dict[str, dict[str, Any]], out_dir: str | Path) -> lis
     table.write_text(table1_markdown(reports) + "\n")
     points = [{"name": name, **r} for name, r in reports.items()]
     figure = sparsity_fidelity_figure(points, out_dir / "sparsity_fidelity.png")
-    pareto = pareto_points(reports)
-    (out_dir / "pareto.md").write_text(pareto_markdown(pareto) + "\n")
-    (out_dir / "pareto.json").write_text(json.dumps(pareto, indent=1))
-    return [table, figure, out_dir / "pareto.md", pareto_figure(pareto, out_dir / "pareto.png")]
+    written = [table, figure]
+    # the paper's protocol (ReLU only at inference) for every architecture; and each architecture's
+    # own activation (TopK's k, JumpReLU's thresholds, ...) where the reports hold it
+    native = {name: {"architecture": r.get("architecture"), **r["native"]} if "native" in r else r
+              for name, r in reports.items()}
+    for suffix, view in (("", reports), ("_native", native)):
+        if suffix and all("native" not in r for r in reports.values()):
+            continue
+        pareto = pareto_points(view)
+        (out_dir / f"pareto{suffix}.md").write_text(pareto_markdown(pareto) + "\n")
+        (out_dir / f"pareto{suffix}.json").write_text(json.dumps(pareto, indent=1))
+        written += [out_dir / f"pareto{suffix}.md", pareto_figure(pareto, out_dir / f"pareto{suffix}.png")]
+    return written
 
 
 def table18_markdown(groups: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]]) -> str:

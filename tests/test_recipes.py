@@ -250,8 +250,16 @@ def test_a_sweep_of_two_seeds_gives_the_pareto_error_bars(tiny_recipe, tmp_path)
     assert sum(p["frontier"] for p in points) >= 1
     assert (out / "report_heldout" / "pareto.png").stat().st_size > 0
     # the frontier: a point is off it when another is at least as sparse with lower FVU
-    planted = {"a_seed-0": {"architecture": "x", "l0_sparsity": 0.9, "fvu": 0.1, "cos_sim": 0.9},
-               "b_seed-0": {"architecture": "x", "l0_sparsity": 0.8, "fvu": 0.2, "cos_sim": 0.8},
-               "c": {"architecture": "y", "l0_sparsity": 0.7, "fvu": 0.05, "cos_sim": 0.99}}
+    planted = {"a_seed-0": {"architecture": "x", "l0_sparsity": 0.9, "fvu": 0.1, "cos_sim": 0.9, "evr": 0.9},
+               "b_seed-0": {"architecture": "x", "l0_sparsity": 0.8, "fvu": 0.2, "cos_sim": 0.8, "evr": 0.8},
+               "c": {"architecture": "y", "l0_sparsity": 0.7, "fvu": 0.05, "cos_sim": 0.99, "evr": 0.95}}
     front = {p["setting"]: p["frontier"] for p in pareto_points(planted)}
     assert front == {"a": True, "b": False, "c": True}
+    # reports holding the native protocol also get its Pareto view, from those numbers
+    from msae_ext.report import write_report
+
+    planted["a_seed-0"]["native"] = {"l0_sparsity": 0.99, "fvu": 0.5, "cos_sim": 0.7}
+    write_report(planted, tmp_path / "views")
+    native = {p["setting"]: p for p in json.loads((tmp_path / "views" / "pareto_native.json").read_text())}
+    assert native["a"]["l0_sparsity"] == 0.99 and native["c"]["fvu"] == 0.05
+    assert (tmp_path / "views" / "pareto_native.png").stat().st_size > 0
