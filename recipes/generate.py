@@ -119,7 +119,8 @@ def extras() -> dict[str, dict]:
     # definitions embedded by wordllama (256-d) for training, its verb definitions held out, as
     # the paper trains on CC3M and evaluates on ImageNet; sized for two CPU cores
     for family, (arch, key, values) in {
-        "relu": ("relu", "l1_coefficient", [0.1, 0.03, 0.01, 0.003, 0.001, 0.0003]),
+        # the paper's L1 term divides by ||x|| (16 here), so its coefficients sit higher than CLIP's
+        "relu": ("relu", "l1_coefficient", [10.0, 3.0, 1.0, 0.3, 0.1, 0.03]),
         "topk": ("topk", "k", [4, 8, 16, 32, 64, 128]),
         "msae": ("msae", "weighting", ["rw", "uw"]),
         "jumprelu": ("jumprelu", "l0_coefficient", [0.3, 0.1, 0.03, 0.01, 0.003, 0.001]),
