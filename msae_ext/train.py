@@ -601,7 +601,7 @@ def _fit_classical(cfg: TrainConfig, out_dir: Path, resume: bool, progress: bool
     method = architecture(cfg.architecture).classical
     source = open_embeddings(cfg.train_data)
     d_sae = cfg.resolve_d_sae(source.d_in)
-    method.training_config(d_in=source.d_in, d_sae=d_sae, device="meta", **cfg.options)  # the options' checks
+    fit_cfg = method.training_config(d_in=source.d_in, d_sae=d_sae, device="cpu", **cfg.options)  # checks them
     if cfg.eval_data is not None:
         eval_source = open_embeddings(cfg.eval_data)
         check_dimension(eval_source, source.d_in)
@@ -632,10 +632,10 @@ def _fit_classical(cfg: TrainConfig, out_dir: Path, resume: bool, progress: bool
 
     start = time.time()
     try:
-        fields, weights = method.fit(cfg.options, source.d_in, d_sae, batches, sample, cfg.epochs, cfg.seed)
+        weights = method.fit(fit_cfg, batches, sample, cfg.epochs, cfg.seed)
     finally:
         pbar.close()
-    sae = build_sae(method, source.d_in, d_sae, fields, weights)
+    sae = build_sae(method, fit_cfg, weights)
     sae.cfg.metadata[METADATA_KEY] = stats_to_metadata({cfg.modality: stats})
     sae.cfg.metadata.msae_train_config = cfg.to_dict()
     sae.cfg.metadata.modality = cfg.modality

@@ -35,8 +35,8 @@ def sampler(x: np.ndarray):
 
 def fit_sae(name, x, d_sae, epochs=3, **options):
     m = method(name)
-    fields, weights = m.fit(options, x.shape[1], d_sae, as_batches(x), sampler(x), epochs, 0)
-    return build_sae(m, x.shape[1], d_sae, fields, weights)
+    cfg = m.training_config(d_in=x.shape[1], d_sae=d_sae, device="cpu", **options)
+    return build_sae(m, cfg, m.fit(cfg, as_batches(x), sampler(x), epochs, 0))
 
 
 def recon_fvu(sae, x):

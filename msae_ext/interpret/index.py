@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .examples import _merge_top
 from .space import ConceptSpace
 
 INDEX_FILE = "index.safetensors"
@@ -40,14 +41,9 @@ BIN_EDGES = np.concatenate([[0.0], np.logspace(-3, 3, 49), [np.inf]])
 
 def levels_for(sae) -> list[int]:
     """The Matryoshka levels of an MSAE (its k-list), else powers of two up to d_sae."""
-    ks = list(getattr(sae.cfg, "k_list", None) or [])
-    if not ks:
-        ks, k = [], 1
-        while k < sae.cfg.d_sae:
-            ks.append(k)
-            k *= 2
-        ks.append(sae.cfg.d_sae)
-    return [int(k) for k in ks]
+    from ..architectures import resolve_k_list
+
+    return resolve_k_list(sae.cfg.d_sae, getattr(sae.cfg, "k_list", None) or None, k_min=1)
 
 
 @torch.no_grad()
@@ -79,10 +75,8 @@ def build_index(space: ConceptSpace, source, out_dir: str | Path, *, n_top: int 
         fires += (z > 0).sum(0)
         total += z.sum(0, dtype=torch.float64)
         vmax = torch.maximum(vmax, z.max(0).values)
-        k = min(n_top, b)
-        v, i = z.topk(k, dim=0)
-        top_v, idx = torch.cat([top_v, v]).topk(min(n_top, len(top_v) + k), dim=0)
-        top_r = torch.gather(torch.cat([top_r, i + start]), 0, idx)
+        v, i = z.topk(min(n_top, b), dim=0)  # the block's own top first: a (n_top, d_sae) merge
+        top_v, top_r = _merge_top(top_v, top_r, v, i + start, n_top, largest=True)
         rows, cols = z.nonzero(as_tuple=True)
         vals = z[rows, cols]
         group = cols * n_bins + torch.bucketize(vals, edges)
@@ -138,6 +132,7 @@ class LatentIndex:
         self.labels = labels
         self.frequency = (self.arrays["fires"].double() / max(1, self.meta["n_rows"])).numpy()
         self._decoder = torch.nn.functional.normalize(sae.W_dec.detach().float().cpu(), dim=-1)
+        self._space = ConceptSpace(sae, self.meta["modality"])
 
     def listing(self, query: str = "", sort: str = "frequency", valid: list[bool] | None = None,
                 valid_only: bool = False, limit: int = 100) -> list[dict[str, Any]]:
@@ -197,9 +192,7 @@ class LatentIndex:
     def cofiring(self, j: int, top_x: torch.Tensor, n: int = 8) -> dict[str, list[dict[str, Any]]]:
         """The latents most active alongside j on its top rows (`top_x`, their raw embeddings), split
         into those of coarser and of finer nesting levels than j's."""
-        from .space import ConceptSpace
-
-        z = ConceptSpace(self.sae, self.meta["modality"]).encode(top_x).float().cpu()
+        z = self._space.encode(top_x).float().cpu()
         z = z[z[:, j] > 0]
         mean = z.mean(0) if len(z) else torch.zeros(self.meta["d_sae"])
         mean[j] = 0

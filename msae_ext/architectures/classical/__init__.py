@@ -17,8 +17,7 @@ carry no gradient: these SAEs are for analysis, not for further training.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -83,19 +82,20 @@ class ClassicalTrainingConfig(TrainingSAEConfig):
 class Method:
     """A classical method: its inference classes and its fitting function.
 
-    fit(options, d_in, d_sae, batches, sample, epochs, seed) -> (cfg fields, weights) of the SAE.
+    fit(training config, batches, sample, epochs, seed) -> the SAE's weights.
     """
 
     inference_sae: type[ClassicalSAE]
     inference_config: type[ClassicalSAEConfig]
     training_config: type[ClassicalTrainingConfig]
-    fit: Callable[..., tuple[dict[str, Any], dict[str, torch.Tensor]]]
+    fit: Callable[..., dict[str, torch.Tensor]]
 
 
-def build_sae(method: Method, d_in: int, d_sae: int, fields: dict[str, Any],
-              weights: dict[str, torch.Tensor]) -> ClassicalSAE:
-    """The inference SAE holding a fitted model."""
-    cfg = method.inference_config(d_in=d_in, d_sae=d_sae, dtype="float32", device="cpu", **fields)
+def build_sae(method: Method, cfg: ClassicalTrainingConfig, weights: dict[str, torch.Tensor]) -> ClassicalSAE:
+    """The inference SAE holding a fitted model; its coding settings are the training config's."""
+    coding = {f.name: getattr(cfg, f.name) for f in fields(method.inference_config)
+              if f.name not in {g.name for g in fields(SAEConfig)}}
+    cfg = method.inference_config(d_in=cfg.d_in, d_sae=cfg.d_sae, dtype="float32", device="cpu", **coding)
     sae = method.inference_sae(cfg)
     state = {k: v.float() for k, v in weights.items()}
     missing = set(sae.state_dict()) - set(state)

@@ -13,7 +13,6 @@ non-negative (`positive_code`), as an SAE's are, so each atom is a direction wit
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -45,27 +44,27 @@ class DictionarySAE(ClassicalSAE):
 @dataclass
 class DictionaryTrainingConfig(ClassicalTrainingConfig):
     alpha: float = 1.0
-    transform_alpha: float | None = None
+    transform_alpha: float | None = None  # None: alpha
+
+    def __post_init__(self) -> None:
+        self.transform_alpha = float(self.alpha if self.transform_alpha is None else self.transform_alpha)
+        super().__post_init__()
 
     @classmethod
     def architecture(cls) -> str:
         return "msae_dictionary"
 
 
-def fit(options: dict[str, Any], d_in: int, d_sae: int, batches: Batches, sample: Sample, epochs: int,
-        seed: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def fit(cfg: DictionaryTrainingConfig, batches: Batches, sample: Sample, epochs: int,
+        seed: int) -> dict[str, torch.Tensor]:
     from sklearn.decomposition import MiniBatchDictionaryLearning
 
-    alpha = float(options.get("alpha", 1.0))
-    model = MiniBatchDictionaryLearning(n_components=d_sae, alpha=alpha, positive_code=True, fit_algorithm="cd",
+    model = MiniBatchDictionaryLearning(n_components=cfg.d_sae, alpha=cfg.alpha, positive_code=True, fit_algorithm="cd",
                                         transform_algorithm="lasso_lars", random_state=seed)
     for epoch in range(epochs):
         for x in batches(epoch):
             model.partial_fit(x)
-    transform_alpha = options.get("transform_alpha")
-    fields = {"transform_alpha": float(alpha if transform_alpha is None else transform_alpha)}
-    weights = {"W_dec": torch.from_numpy(model.components_), "b_dec": torch.zeros(d_in, dtype=torch.float64)}
-    return fields, weights
+    return {"W_dec": torch.from_numpy(model.components_), "b_dec": torch.zeros(cfg.d_in, dtype=torch.float64)}
 
 
 METHOD = Method(DictionarySAE, DictionarySAEConfig, DictionaryTrainingConfig, fit)

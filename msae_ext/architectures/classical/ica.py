@@ -12,7 +12,6 @@ signed (no sparsity is imposed; ICA's components are sparse only as far as the d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -50,17 +49,14 @@ class ICATrainingConfig(ClassicalTrainingConfig):
         return "msae_ica"
 
 
-def fit(options: dict[str, Any], d_in: int, d_sae: int, batches: Batches, sample: Sample, epochs: int,
-        seed: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def fit(cfg: ICATrainingConfig, batches: Batches, sample: Sample, epochs: int, seed: int) -> dict[str, torch.Tensor]:
     from sklearn.decomposition import FastICA
 
-    model = FastICA(n_components=d_sae, whiten="unit-variance", max_iter=int(options.get("max_iter", 400)),
-                    random_state=seed)
-    model.fit(sample(int(options.get("fit_rows", 100_000))))
+    model = FastICA(n_components=cfg.d_sae, whiten="unit-variance", max_iter=cfg.max_iter, random_state=seed)
+    model.fit(sample(cfg.fit_rows))
     unmixing, mixing, mean = model.components_, model.mixing_, model.mean_
-    weights = {"W_enc": torch.from_numpy(unmixing.T.copy()), "b_enc": torch.from_numpy(-mean @ unmixing.T),
-               "W_dec": torch.from_numpy(mixing.T.copy()), "b_dec": torch.from_numpy(mean.copy())}
-    return {}, weights
+    return {"W_enc": torch.from_numpy(unmixing.T.copy()), "b_enc": torch.from_numpy(-mean @ unmixing.T),
+            "W_dec": torch.from_numpy(mixing.T.copy()), "b_dec": torch.from_numpy(mean.copy())}
 
 
 METHOD = Method(ICASAE, ICASAEConfig, ICATrainingConfig, fit)

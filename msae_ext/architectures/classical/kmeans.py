@@ -12,7 +12,6 @@ argmax_j (x . c_j - ||c_j||^2 / 2), a linear score: W_enc = C^T and b_enc = -||c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -45,19 +44,17 @@ class KMeansTrainingConfig(ClassicalTrainingConfig):
         return "msae_kmeans"
 
 
-def fit(options: dict[str, Any], d_in: int, d_sae: int, batches: Batches, sample: Sample, epochs: int,
-        seed: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def fit(cfg: KMeansTrainingConfig, batches: Batches, sample: Sample, epochs: int, seed: int) -> dict[str, torch.Tensor]:
     from sklearn.cluster import MiniBatchKMeans
 
-    model = MiniBatchKMeans(n_clusters=d_sae, random_state=seed, n_init=1)
-    model.partial_fit(sample(4 * d_sae))  # k-means++ seeding needs at least d_sae rows at once
+    model = MiniBatchKMeans(n_clusters=cfg.d_sae, random_state=seed, n_init=1)
+    model.partial_fit(sample(4 * cfg.d_sae))  # k-means++ seeding needs at least d_sae rows at once
     for epoch in range(epochs):
         for x in batches(epoch):
             model.partial_fit(x)
     C = model.cluster_centers_
-    weights = {"W_dec": torch.from_numpy(C.copy()), "b_dec": torch.zeros(d_in, dtype=torch.float64),
-               "W_enc": torch.from_numpy(C.T.copy()), "b_enc": torch.from_numpy(-0.5 * (C ** 2).sum(1))}
-    return {}, weights
+    return {"W_dec": torch.from_numpy(C.copy()), "b_dec": torch.zeros(cfg.d_in, dtype=torch.float64),
+            "W_enc": torch.from_numpy(C.T.copy()), "b_enc": torch.from_numpy(-0.5 * (C ** 2).sum(1))}
 
 
 METHOD = Method(KMeansSAE, KMeansSAEConfig, KMeansTrainingConfig, fit)

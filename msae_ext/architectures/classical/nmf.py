@@ -14,7 +14,6 @@ parts, x+ = max(x, 0) and x- = max(-x, 0), a non-negative row of 2 d_in values w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -69,20 +68,17 @@ class NMFTrainingConfig(ClassicalTrainingConfig):
         return "msae_nmf"
 
 
-def fit(options: dict[str, Any], d_in: int, d_sae: int, batches: Batches, sample: Sample, epochs: int,
-        seed: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def fit(cfg: NMFTrainingConfig, batches: Batches, sample: Sample, epochs: int, seed: int) -> dict[str, torch.Tensor]:
     from sklearn.decomposition import MiniBatchNMF
 
-    model = MiniBatchNMF(n_components=d_sae, alpha_W=options.get("alpha_W", 0.0), alpha_H=0.0,
-                         l1_ratio=options.get("l1_ratio", 1.0), init="random", random_state=seed)
+    model = MiniBatchNMF(n_components=cfg.d_sae, alpha_W=cfg.alpha_W, alpha_H=0.0, l1_ratio=cfg.l1_ratio,
+                         init="random", random_state=seed)
     for epoch in range(epochs):
         for x in batches(epoch):
             model.partial_fit(split_signs(x))
-    H = model.components_
-    fields = {k: options[k] for k in ("alpha_W", "l1_ratio", "transform_max_iter") if k in options}
-    weights = {"H": torch.from_numpy(H), "W_dec": torch.from_numpy(H[:, :d_in] - H[:, d_in:]),
-               "b_dec": torch.zeros(d_in, dtype=torch.float64)}
-    return fields, weights
+    H, d = model.components_, cfg.d_in
+    return {"H": torch.from_numpy(H), "W_dec": torch.from_numpy(H[:, :d] - H[:, d:]),
+            "b_dec": torch.zeros(d, dtype=torch.float64)}
 
 
 METHOD = Method(NMFSAE, NMFSAEConfig, NMFTrainingConfig, fit)
