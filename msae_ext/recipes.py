@@ -4,10 +4,11 @@ A recipe is a training config (msae_ext/config.py; usually with `saes:` so one d
 the whole family) plus two keys the trainer does not read:
 
     paper:     where the run is reported in the paper (free-form, for readers and model cards)
-    evaluate:  a list of {name, data, modality, labels?, stats_data?, protocols?}. Each trained SAE
-               is evaluated on each entry (eval_NAME.json in its folder). `labels: cache` takes the
+    evaluate:  a list of {name, data, modality, labels?, stats_data?, protocols?, rows?}. Each trained
+               SAE is evaluated on each entry (eval_NAME.json in its folder). `labels: cache` takes the
                class labels stored in an `msae embed` cache; `stats_data` computes and attaches that
-               modality's statistics first (text statistics for an image-trained SAE).
+               modality's statistics first (text statistics for an image-trained SAE); `rows: N`
+               evaluates on the first N rows (for methods whose encoding is an optimisation).
 
 A sweep file is a wandb sweep configuration (method grid | random | bayes, metric, parameters)
 whose parameters are config keys. wandb allows no keys of ours at the top level, so the recipe it
@@ -37,7 +38,7 @@ from .store import check_dimension, open_embeddings
 from .train import TrainResult, train, train_many
 
 RECIPE_ONLY_KEYS = ("paper", "evaluate")
-EVAL_KEYS = {"name", "data", "modality", "labels", "stats_data", "protocols"}
+EVAL_KEYS = {"name", "data", "modality", "labels", "stats_data", "protocols", "rows"}
 SWEEP_METHODS = ("grid", "random", "bayes")
 #: the top-level keys wandb's sweep schema allows (it rejects any other)
 WANDB_SWEEP_KEYS = {"apiVersion", "kind", "controller", "description", "program", "job", "image_uri", "entity",
@@ -65,6 +66,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[T
             raise RecipeError(f"{path}: evaluate[{i}] needs name and data; unknown keys {sorted(unknown)}")
         if entry.get("modality", "image") not in ("image", "text"):
             raise RecipeError(f"{path}: evaluate[{i}].modality must be image or text")
+        if "rows" in entry and not (isinstance(entry["rows"], int) and entry["rows"] > 0):
+            raise RecipeError(f"{path}: evaluate[{i}].rows must be a positive integer, got {entry['rows']!r}")
         try:
             plain_name(entry["name"], f"evaluate[{i}].name")
         except ValueError as e:
@@ -90,6 +93,14 @@ def _labels(entry: dict[str, Any]):
             raise RecipeError(f"{entry['data']}: labels: cache needs a cache with one class label per row")
         return np.asarray(labels, dtype=np.int64)
     return load_labels(spec)
+
+
+def _source(entry: dict[str, Any]):
+    """The entry's data, its first `rows` rows where it names them."""
+    from .store import HeadSource
+
+    source = open_embeddings(entry["data"])
+    return HeadSource(source, entry["rows"]) if entry.get("rows") else source
 
 
 def train_and_evaluate(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = True,
@@ -121,7 +132,9 @@ def evaluate_run(sae_dirs: list[Path], entries: list[dict[str, Any]], progress: 
     stats_cache: dict[str, Any] = {}
     for entry in entries:
         modality = entry.get("modality", "image")
+        source = _source(entry)
         labels = _labels(entry)
+        labels = labels[: source.n_rows] if labels is not None else None
         for d in sae_dirs:
             sae = load_sae(d)
             try:
@@ -137,7 +150,7 @@ def evaluate_run(sae_dirs: list[Path], entries: list[dict[str, Any]], progress: 
                 sae = load_sae(d)
             native = sae.cfg.architecture() in ("msae_topk", "msae_batchtopk")
             protocols = entry.get("protocols") or (["paper", "native"] if native else ["paper"])
-            report = evaluate_protocols(sae, entry["data"], protocols, modality=modality, labels=labels,
+            report = evaluate_protocols(sae, source, protocols, modality=modality, labels=labels,
                                         figure_dir=d / f"figures_{entry['name']}", progress=progress)
             write_text_atomic(d / f"eval_{entry['name']}.json", json.dumps(report, indent=2))
             out.setdefault(entry["name"], {})[d.name] = report

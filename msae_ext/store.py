@@ -67,6 +67,19 @@ class NpySource:
         return _as_float32(self._array[start:stop], self.description)
 
 
+class HeadSource:
+    """The first `n` rows of a source (an evaluation on a prefix, where a method encodes slowly)."""
+
+    def __init__(self, source: EmbeddingSource, n: int):
+        if n <= 0:
+            raise EmbeddingDataError(f"{source.description}: a prefix of {n} rows is empty")
+        self.source, self.n_rows, self.d_in = source, min(n, source.n_rows), source.d_in
+        self.description = f"{source.description}[:{self.n_rows}]"
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.source.read(min(start, self.n_rows), min(stop, self.n_rows))
+
+
 class SafetensorsSource:
     def __init__(self, path: Path, key: str | None = None):
         from safetensors import safe_open
