@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--noise", type=float, default=1.0)
     p.add_argument("--dense-max", type=int, default=8192, help="widest width also matched densely")
     args = p.parse_args()
-    print(f"| d_sae | method | seconds | mean matched cosine | frac > 0.7 | equal to dense |")
+    print("| d_sae | method | seconds | mean matched cosine | frac > 0.7 | equal to dense |")
     print("|---:|---|---:|---:|---:|---|")
     for n in args.widths:
         a, b = pair(n, args.d_in, args.noise)

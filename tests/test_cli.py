@@ -207,9 +207,25 @@ def test_killed_process_resumes_to_the_same_weights(tmp_path, embeddings):
 
 @pytest.mark.slow
 def test_demo_quick(tmp_path, capsys):
+    """The main job on real text (WordNet definitions, wordllama): Table 1 of the four SAEs, named
+    latents with their top texts, the concept browser's site and the command that serves it."""
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     for name in ("MSAE (RW)", "MSAE (UW)", "TopK", "ReLU"):
         assert f"| {name}" in out
     assert (tmp_path / "demo" / "sparsity_fidelity.png").exists()
+    assert (tmp_path / "demo" / "table1.md").read_text().count("\n") == 6
+    concepts = json.loads((tmp_path / "demo" / "runs" / "msae_rw" / "concepts.json").read_text())
+    named = [line for line in out.splitlines() if line.startswith("  #")]
+    assert len(named) == 6 and all(line.split()[1] in concepts["neurons"][int(line.split()[0][1:])]["label"]
+                                   for line in named)
+    assert len(list((tmp_path / "demo" / "dashboard" / "data" / "latent").glob("*.js"))) == 16
+    assert f"msae serve --sae {tmp_path / 'demo' / 'runs' / 'msae_rw'}" in out
+
+
+@pytest.mark.slow
+def test_demo_quick_synthetic(tmp_path, capsys):
+    assert main(["demo", "--synthetic", "--quick", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| MSAE (RW)" in out and "ground-truth feature recovery" in out
     assert (tmp_path / "demo" / "table1.md").read_text().count("\n") == 6

@@ -19,6 +19,7 @@ STAGES = [
     {"recipes"},
     {"interpret"},
     {"publish", "export"},
+    {"browse"},
     {"demo"},
     {"cli"},
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import demo, embed, evaluate, interpret, publish, train
+from . import browse, demo, embed, evaluate, interpret, publish, train
 
 EPILOG = """examples:
   msae demo                                    # the main job: train and compare SAEs offline, in minutes
@@ -21,11 +21,12 @@ EPILOG = """examples:
   msae run recipes/vitl14_msae_x8.yaml --out runs/vitl14_msae_x8          # train, evaluate, report
   msae concepts --sae runs/msae_rw --clip ViT-L-14 --pretrained openai --out runs/msae_rw/concepts.json
   msae search --index emb/in1k_val --sae runs/msae_rw --concepts concepts.json --query-row 17 --steer germany=20,30
+  msae serve --sae runs/msae_rw --data emb/in1k_val --concepts concepts.json   # the concept browser
   msae publish --sae runs/msae_rw_x8 --repo you/msae-clip-vitl14-rw --dry-run --out release/
 each command's --help lists its options; docs/ has a page per stage."""
 
 #: command-group modules: the main job, then the stages in the order of the data
-GROUPS = (demo, embed, train, evaluate, interpret, publish)
+GROUPS = (demo, embed, train, evaluate, interpret, browse, publish)
 
 
 def build_parser() -> argparse.ArgumentParser:

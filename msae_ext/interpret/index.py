@@ -138,6 +138,11 @@ class LatentIndex:
                 valid_only: bool = False, limit: int = 100) -> list[dict[str, Any]]:
         """Latents matching `query` (a substring of the name, or #index), sorted by frequency, max
         activation or nesting level (coarsest first)."""
+        return [self.summary(int(j)) for j in self.order(query, sort, valid, valid_only, limit)]
+
+    def order(self, query: str = "", sort: str = "frequency", valid: list[bool] | None = None,
+              valid_only: bool = False, limit: int | None = None) -> np.ndarray:
+        """The indices `listing` shows, in its order."""
         keys = {"frequency": -self.frequency, "max": -self.arrays["max"].numpy(),
                 "nesting": np.where(self.arrays["nesting_level"].numpy() > 0, self.arrays["nesting_level"].numpy(),
                                     np.iinfo(np.int64).max)}
@@ -157,8 +162,7 @@ class LatentIndex:
             if valid is None:
                 raise ValueError("filtering by validation needs concept names (give --concepts)")
             mask &= np.asarray(valid, dtype=bool)
-        order = np.flatnonzero(mask)[np.argsort(keys[sort][mask], kind="stable")][:limit]
-        return [self.summary(int(j)) for j in order]
+        return np.flatnonzero(mask)[np.argsort(keys[sort][mask], kind="stable")][:limit]
 
     def summary(self, j: int) -> dict[str, Any]:
         a = self.arrays
