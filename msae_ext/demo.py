@@ -141,7 +141,7 @@ class TextDemoSize:
     train: str = "wordnet:noun"
     eval: str = "wordnet:verb"
     expansion_factor: int = 4
-    epochs: int = 4
+    epochs: int = 8
     batch_size: int = 1024
     dashboard_latents: int | None = None  # every latent gets a page
 

@@ -145,7 +145,7 @@ def extras() -> dict[str, dict]:
     # verb definitions (eval_verb1k.json), the rows the comparison across all eight shares
     for method, (key, values) in {
         "nmf": ("alpha_W", [0.0, 1.0e-4, 3.0e-4, 1.0e-3, 2.0e-3, 4.0e-3]),
-        "dictionary": ("alpha", [0.1, 0.3, 1.0, 3.0, 10.0, 30.0]),
+        "dictionary": ("alpha", [0.3, 1.0, 3.0, 10.0, 30.0, 100.0]),
         "kmeans": ("expansion_factor", None), "ica": (None, None),
     }.items():
         expansion = 1 if method == "ica" else 4

@@ -218,6 +218,7 @@ def test_the_app_in_a_real_browser(served, browser, page):
     page.wait_for_selector("#neighbours-list .example")
     before = page.locator("#neighbours-list .example").first.get_attribute("data-row")
     assert before == "9"
+    assert page.locator("#steered-list .example").count() == 0  # no edit until a control moves
     slider = page.locator("#steer-controls input[type=range]").first
     slider.evaluate("s => { s.value = 0; s.dispatchEvent(new Event('input')); s.dispatchEvent(new Event('change')); }")
     page.fill("#steer-add", f"#{browser.latents()[-1]['index']}")

@@ -43,7 +43,9 @@ def fingerprint(sae, source, modality: str) -> str:
     h = hashlib.sha256()
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         h.update(getattr(sae, name).detach().float().cpu().numpy().tobytes())
-    h.update(json.dumps([source.description, source.n_rows, source.d_in, modality]).encode())
+    where = Path(source.description)
+    h.update(json.dumps([str(where.resolve()) if where.exists() else source.description, source.n_rows,
+                         source.d_in, modality]).encode())
     return h.hexdigest()[:16]
 
 

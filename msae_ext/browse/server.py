@@ -139,7 +139,10 @@ def make_handler(browser: Browser, quiet: bool = True) -> type[BaseHTTPRequestHa
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):  # the page went away (a lazy image, a new route)
+                pass
 
     return Handler
 

@@ -206,9 +206,10 @@ function addSlider(index, label, value) {
   const div = document.createElement("div");
   div.className = "steer-row";
   div.innerHTML = `<label>#${index} ${label ? esc(label) : "<i>unnamed</i>"}</label>
-    <input type="range" min="0" max="${max}" step="${max / 100}" value="${value}" data-latent="${index}" data-original="${value}">
+    <input type="range" min="0" max="${max}" step="any" value="${value}" data-latent="${index}" data-original="${value}">
     <output>${fmt(value)}</output>`;
   const input = div.querySelector("input");
+  input.dataset.original = input.value;  // as the control holds it (it rounds): unchanged means no edit
   input.addEventListener("input", () => { div.querySelector("output").textContent = fmt(input.value); });
   input.addEventListener("change", steer);
   document.getElementById("steer-controls").appendChild(div);
