@@ -3,11 +3,13 @@ pages driven in a real headless browser (Debian's chromium through playwright), 
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -251,3 +253,57 @@ def test_the_static_site_from_the_file_system(browser, page, tmp_path):
     page.wait_for_selector("#static-note")
     assert "msae serve" in page.locator("#static-note").inner_text()
     assert len(list((tmp_path / "site" / "data" / "latent").glob("*.js"))) == 20
+
+
+TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8,
+                                             "head_width": 32},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+
+
+def test_image_rows_show_thumbnails_and_an_uploaded_image_is_a_query(tmp_path):
+    """An image cache of a (tiny, random-weight) open_clip model: pages carry thumbnails read back
+    from the image files, the static site writes them, and an uploaded image file is embedded by
+    the model exactly as its row was."""
+    from PIL import Image
+
+    from msae_ext.embed import embed_dataset, load_clip, open_items
+
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    config = tmp_path / "tiny-clip-test.json"
+    config.write_text(json.dumps(TINY_CLIP))
+    clip = load_clip(str(config), None)
+    embed_dataset(open_items(f"folder:{tmp_path / 'imgs'}"), clip, tmp_path / "cache", modality="image",
+                  progress=False, num_workers=0)
+    cfg = TrainConfig.from_dict(dict(architecture="topk", k=4, train_data=str(tmp_path / "cache"), expansion_factor=2,
+                                     epochs=3, batch_size=8, lr=1e-3, eval_every=0, checkpoint_every=0,
+                                     final_eval=False, seed=0))
+    train(cfg, tmp_path / "sae", resume=False, progress=False)
+    b = open_browser(tmp_path / "sae", tmp_path / "cache", clip=str(config), pretrained="none", progress=False)
+    assert b.info()["query_image"]
+    page = b.latent(b.latents()[0]["index"])
+    assert page["top"] and all(e["has_image"] for e in page["top"])
+    thumb = Image.open(io.BytesIO(b.thumbnail(page["top"][0]["row"])))
+    assert thumb.format == "JPEG" and max(thumb.size) <= 160
+    row = 5
+    path = b.rows.image_path(row)
+    uploaded = b.query(image=Path(path).read_bytes())
+    assert [e["index"] for e in uploaded["latents"]] == [e["index"] for e in b.query(row=row)["latents"]]
+    with pytest.raises(BrowserError, match="not an image"):
+        b.query(image=b"GIF89a broken")
+    server = make_server(b, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/api/"
+    try:
+        with urllib.request.urlopen(f"{url}image/{row}") as r:
+            assert r.headers["Content-Type"] == "image/jpeg" and r.read() == b.thumbnail(row)
+        status, body = _post(f"{url}query", Path(path).read_bytes())
+        assert status == 200 and body["latents"] == json.loads(json.dumps(uploaded["latents"]))
+    finally:
+        server.shutdown()
+        server.server_close()
+    write_dashboard(b, tmp_path / "site", progress=False)
+    assert (tmp_path / "site" / "img" / f"{page['top'][0]['row']}.jpg").read_bytes() == b.thumbnail(page["top"][0]["row"])
