@@ -15,7 +15,7 @@ STAGES = [
     {"embed"},
     {"store", "normalization"},
     {"config", "train"},
-    {"evaluate", "report", "stability"},
+    {"evaluate", "report", "stability", "hierarchy"},
     {"recipes"},
     {"interpret"},
     {"publish", "export"},

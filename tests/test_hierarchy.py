@@ -1,0 +1,101 @@
+"""Hierarchy metrics against planted answers: a perfect SAE, one missing a parent latent, a
+permuted dictionary, and the matching against brute force."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from msae_ext.hierarchy import Forest, hierarchy_report, match_features
+
+
+@pytest.fixture
+def planted():
+    """sae-lens's synthetic model with a two-level forest: its true directions and activations."""
+    from sae_lens.synthetic import HierarchyConfig, SyntheticModel, SyntheticModelConfig, ZipfianFiringProbabilityConfig
+
+    cfg = SyntheticModelConfig(num_features=48, hidden_dim=64,
+                               firing_probability=ZipfianFiringProbabilityConfig(max_prob=0.4, min_prob=0.05),
+                               hierarchy=HierarchyConfig(total_root_nodes=4, branching_factor=3, max_depth=2,
+                                                         compensate_probabilities=True),
+                               std_firing_magnitudes=0.1, seed=0)
+    model = SyntheticModel(cfg)
+    torch.manual_seed(0)
+    _, acts = model.sample_with_features(3000)
+    forest = Forest.from_roots(model.hierarchy.roots, 48)
+    return model.feature_dict.feature_vectors.detach(), acts, forest
+
+
+def test_the_forest_is_sae_lens_trees(planted):
+    _, acts, forest = planted
+    assert (forest.depth == 0).sum() == 4 and (forest.depth == 1).sum() == 12 and (forest.depth == 2).sum() == 32  # 48 features: the last 4 grandchildren are cut
+    for c in np.flatnonzero(forest.parent >= 0):  # a child fires only with its parent
+        p = forest.parent[c]
+        assert not bool(((acts[:, c] > 0) & (acts[:, p] == 0)).any())
+
+
+def test_a_perfect_sae_recovers_everything_and_absorbs_nothing(planted):
+    D, acts, forest = planted
+    r = hierarchy_report(acts, acts, D, D, forest, levels=[4, 8, 16, 48])
+    assert r["mcc"] == pytest.approx(1.0) and r["recovered"] == 1.0 and r["matched_cosine"] == pytest.approx(1.0)
+    assert r["recovered_by_depth"] == {"0": 1.0, "1": 1.0, "2": 1.0}
+    assert r["absorption"] == 0.0 and r["parent_alone_miss"] == 0.0 and r["child_events"] > 0
+
+
+def test_a_missing_parent_latent_is_absorption(planted):
+    D, acts, forest = planted
+    parent = int(forest.parent[np.flatnonzero(forest.depth == 2)[0]])  # a depth-1 feature with children
+    z = acts.clone()
+    z[:, parent] = 0  # its children still fire, its latent never does
+    r = hierarchy_report(z, acts, D, D, forest)
+    fires = (acts > 0).numpy()
+    children = np.flatnonzero(forest.parent == parent)
+    all_children = np.flatnonzero(forest.parent >= 0)
+    want = fires[:, children].sum() / fires[:, all_children].sum()
+    assert r["absorption"] == pytest.approx(want)
+    assert r["absorption_by_depth"]["1"] == 0.0
+    assert r["absorption_by_depth"]["2"] == pytest.approx(fires[:, children].sum()
+                                                          / fires[:, np.flatnonzero(forest.depth == 2)].sum())
+    alone = fires[:, parent] & ~fires[:, children].any(axis=1)
+    all_alone = sum((fires[:, p] & ~fires[:, forest.parent == p].any(axis=1)).sum()
+                    for p in set(forest.parent[all_children].tolist()))
+    assert r["parent_alone_miss"] == pytest.approx(alone.sum() / all_alone)
+
+
+def test_permuting_the_latents_changes_nothing(planted):
+    D, acts, forest = planted
+    noisy = D + 0.02 * torch.randn_like(D)
+    z = acts * (torch.rand_like(acts) > 0.2) + torch.relu(0.3 * torch.randn_like(acts) - 0.2)  # misses and false fires
+    perm = torch.randperm(48, generator=torch.Generator().manual_seed(1))
+    a = hierarchy_report(z, acts, noisy, D, forest, levels=[4, 8, 16, 48])
+    b = hierarchy_report(z[:, perm], acts, noisy[perm], D, forest, levels=[4, 8, 16, 48])
+    assert 0 < a["absorption"] < 1 and 0 < a["recovered"]
+    assert _flat(a) == pytest.approx(_flat(b))
+
+
+def _flat(report: dict) -> dict:
+    out = {}
+    for k, v in report.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        elif isinstance(v, list):
+            out.update({f"{k}.{i}": vv for i, vv in enumerate(v)})
+        else:
+            out[k] = v
+    return out
+
+
+def test_the_matching_is_the_best_one_to_one():
+    g = torch.Generator().manual_seed(3)
+    true, dec = torch.randn(4, 6, generator=g), torch.randn(6, 6, generator=g)
+    latent, cos = match_features(dec, true)
+    t = torch.nn.functional.normalize(true.double(), dim=-1)
+    d = torch.nn.functional.normalize(dec.double(), dim=-1)
+    full = (t @ d.T).numpy()
+    best = max(sum(full[i, j] for i, j in enumerate(p)) for p in itertools.permutations(range(6), 4))
+    assert cos.sum() == pytest.approx(best) and len(set(latent.tolist())) == 4
+    with pytest.raises(ValueError, match="6 true features but only 4 latents"):
+        match_features(dec[:4], torch.randn(6, 6))
