@@ -23,6 +23,7 @@ parent). Given an SAE's decoder and activations on rows whose true feature activ
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -150,3 +151,171 @@ def nesting_levels(z: torch.Tensor, fires: np.ndarray, latent: np.ndarray, depth
     return {"nesting_level_by_depth": {str(d): float(np.median(per_feature[keep & (depth == d)]))
                                        for d in sorted(set(depth[keep].tolist()))},
             "nesting_level_per_feature": [None if np.isnan(v) else float(v) for v in per_feature]}
+
+
+# -- the benchmark: `msae bench hierarchy` ---------------------------------------------------------
+
+@dataclass
+class BenchSize:
+    num_features: int = 256
+    hidden_dim: int = 64
+    roots: int = 16
+    branching: int = 3
+    depth: int = 2
+    exclusive: float = 0.5  # fraction of parents whose children are mutually exclusive
+    train_rows: int = 40_000
+    eval_rows: int = 4_000
+    epochs: int = 5
+    batch_size: int = 512
+
+
+BENCH_QUICK = BenchSize(num_features=64, hidden_dim=32, roots=4, branching=3, train_rows=4_000, eval_rows=1_000,
+                        epochs=2, batch_size=256)
+
+#: name -> run-config entry for a target L0 t. Every model is compared at matched L0: each eval
+#: row keeps its t largest activations (MSAE's nested levels, ReLU and JumpReLU included)
+FAMILY = {
+    "TopK": lambda t: {"architecture": "topk", "k": t, "lr": 3e-3},
+    "BatchTopK": lambda t: {"architecture": "batchtopk", "k": t, "lr": 3e-3},
+    "MSAE (RW)": lambda t: {"architecture": "msae", "weighting": "rw", "k_min": 4, "lr": 3e-3},
+    "MSAE (UW)": lambda t: {"architecture": "msae", "weighting": "uw", "k_min": 4, "lr": 3e-3},
+    "ReLU": lambda t: {"architecture": "relu", "l1_coefficient": 0.01, "lr": 3e-3},
+    "JumpReLU": lambda t: {"architecture": "jumprelu", "l0_coefficient": 0.01, "lr": 3e-3},
+}
+SLUG = {"TopK": "topk", "BatchTopK": "batchtopk", "MSAE (RW)": "msae_rw", "MSAE (UW)": "msae_uw", "ReLU": "relu",
+        "JumpReLU": "jumprelu"}
+#: families whose trained model does not depend on t: trained once per seed
+T_FREE = {"MSAE (RW)", "MSAE (UW)", "ReLU", "JumpReLU"}
+
+
+def synthetic_hierarchy(size: BenchSize, seed: int = 0):
+    """sae-lens's synthetic model with a forest of `roots` trees: (model, forest)."""
+    from sae_lens.synthetic import HierarchyConfig, SyntheticModel, SyntheticModelConfig, ZipfianFiringProbabilityConfig
+
+    cfg = SyntheticModelConfig(
+        num_features=size.num_features, hidden_dim=size.hidden_dim,
+        firing_probability=ZipfianFiringProbabilityConfig(max_prob=0.4, min_prob=0.01),
+        hierarchy=HierarchyConfig(total_root_nodes=size.roots, branching_factor=size.branching, max_depth=size.depth,
+                                  mutually_exclusive_portion=size.exclusive, compensate_probabilities=True),
+        std_firing_magnitudes=0.2, seed=seed)
+    model = SyntheticModel(cfg)
+    return model, Forest.from_roots(model.hierarchy.roots, size.num_features)
+
+
+def run_hierarchy_bench(out_dir: str | Path, *, l0_targets: Sequence[int] = (8, 16), seeds: Sequence[int] = (0, 1, 2),
+                        size: BenchSize | None = None, families: Sequence[str] | None = None,
+                        progress: bool = True) -> dict[str, Any]:
+    """Train every family (FAMILY) at every target L0 and seed in one data pass on synthetic
+    hierarchical data, score each against the true forest (`hierarchy_report`), and write
+    hierarchy.json, hierarchy.md and hierarchy.png (mean and std over seeds) into out_dir."""
+    import json
+
+    from .architectures import resolve_k_list
+    from .config import TrainConfig
+    from .loading import load_sae
+    from .metrics import fvu, keep_topk_by_magnitude
+    from .normalization import get_stats
+    from .train import train_many
+
+    size = size or BenchSize()
+    families = list(families or FAMILY)
+    unknown = [f for f in families if f not in FAMILY]
+    if unknown:
+        raise ValueError(f"unknown families {unknown}; choose from {list(FAMILY)}")
+    out = Path(out_dir)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    model, forest = synthetic_hierarchy(size)
+    torch.manual_seed(0)
+    x_train, _ = model.sample_with_features(size.train_rows)
+    x_eval, f_eval = model.sample_with_features(size.eval_rows)
+    np.save(out / "data" / "train.npy", x_train.numpy().astype(np.float32))
+    truth = model.feature_dict.feature_vectors.detach()
+    entries, members = [], []
+    for seed in seeds:
+        for fam in families:
+            for t in ([max(l0_targets)] if fam in T_FREE else l0_targets):
+                name = f"{SLUG[fam]}_t{t}_s{seed}"
+                entries.append({"name": name, "seed": seed, **FAMILY[fam](t)})
+                members.append((fam, t, seed, name))
+    cfg = TrainConfig.from_dict(dict(train_data=str(out / "data" / "train.npy"), architecture="topk",
+                                     expansion_factor=size.num_features // size.hidden_dim, epochs=size.epochs,
+                                     batch_size=size.batch_size, eval_every=0, checkpoint_every=0, final_eval=False,
+                                     saes=entries))
+    train_many(cfg, out / "runs", resume=True, progress=progress)
+    rows = []
+    for fam, t_trained, seed, name in members:
+        sae = load_sae(out / "runs" / name)
+        stats = get_stats(sae, "image")
+        x = stats.apply(x_eval.float())
+        with torch.no_grad():
+            z_all = sae.encode(x)
+        levels = resolve_k_list(sae.cfg.d_sae, getattr(sae.cfg, "k_list", None) or None, k_min=1)
+        for t in (l0_targets if fam in T_FREE else [t_trained]):
+            z = keep_topk_by_magnitude(z_all, t)
+            r = hierarchy_report(z, f_eval, sae.W_dec, truth, forest, levels=levels)
+            r.pop("nesting_level_per_feature")
+            with torch.no_grad():
+                r["fvu"] = fvu(x, sae.decode(z))
+            rows.append({"family": fam, "l0": t, "seed": seed, **r})
+    summary = _summarise(rows)
+    (out / "hierarchy.json").write_text(json.dumps({"size": size.__dict__, "l0_targets": list(l0_targets),
+                                                    "seeds": list(seeds), "runs": rows, "summary": summary}, indent=1))
+    (out / "hierarchy.md").write_text(hierarchy_markdown(summary))
+    hierarchy_figure(summary, out / "hierarchy.png")
+    return {"runs": rows, "summary": summary}
+
+
+METRICS = ("mcc", "recovered", "absorption", "parent_alone_miss", "fvu")
+
+
+def _summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for key in sorted({(r["family"], r["l0"]) for r in rows}, key=lambda k: (k[1], list(FAMILY).index(k[0]))):
+        group = [r for r in rows if (r["family"], r["l0"]) == key]
+        s: dict[str, Any] = {"family": key[0], "l0": key[1], "seeds": len(group)}
+        for m in METRICS:
+            vals = np.array([r[m] for r in group if r[m] is not None], dtype=float)
+            s[m], s[f"{m}_std"] = (float(vals.mean()), float(vals.std())) if len(vals) else (None, None)
+        for m in ("recovered_by_depth", "nesting_level_by_depth"):
+            depths = sorted({d for r in group for d in r.get(m, {})})
+            s[m] = {d: float(np.nanmean([r[m].get(d, np.nan) for r in group])) for d in depths}
+        out.append(s)
+    return out
+
+
+def hierarchy_markdown(summary: list[dict[str, Any]]) -> str:
+    def cell(s, m):
+        return "–" if s[m] is None else f"{s[m]:.3f} ± {s[m + '_std']:.3f}"
+
+    depths = sorted({d for s in summary for d in s["recovered_by_depth"]})
+    head = ("| L0 | architecture | MCC ↑ | recovered (cos > 0.9) ↑ | " + " | ".join(f"recovered, depth {d}" for d in depths)
+            + " | absorption ↓ | parent-alone miss ↓ | FVU ↓ | nesting level k by depth |")
+    lines = [head, "|" + "---:|---|" + "---:|" * (5 + len(depths)) + "---|"]
+    for s in summary:
+        nest = ", ".join(f"{d}: {v:g}" for d, v in s["nesting_level_by_depth"].items())
+        lines.append(f"| {s['l0']} | {s['family']} | {cell(s, 'mcc')} | {cell(s, 'recovered')} | "
+                     + " | ".join(f"{s['recovered_by_depth'].get(d, float('nan')):.3f}" for d in depths)
+                     + f" | {cell(s, 'absorption')} | {cell(s, 'parent_alone_miss')} | {cell(s, 'fvu')} | {nest} |")
+    return "\n".join(lines) + "\n"
+
+
+def hierarchy_figure(summary: list[dict[str, Any]], path: str | Path) -> Path:
+    """Recovery and absorption against L0, one line per architecture, seed std as error bars."""
+    from .plots import _plt
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for fam in dict.fromkeys(s["family"] for s in summary):
+        pts = [s for s in summary if s["family"] == fam]
+        for ax, m in zip(axes, ("recovered", "absorption", "mcc")):
+            ax.errorbar([p["l0"] for p in pts], [p[m] for p in pts], yerr=[p[m + "_std"] for p in pts],
+                        marker="o", capsize=3, label=fam)
+    for ax, title in zip(axes, ("true features recovered (cos > 0.9) ↑", "absorption ↓", "MCC ↑")):
+        ax.set_title(title)
+        ax.set_xlabel("L0 (active latents per row)")
+        ax.set_xscale("log", base=2)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

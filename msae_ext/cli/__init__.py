@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import browse, demo, embed, evaluate, interpret, publish, train
+from . import bench, browse, demo, embed, evaluate, interpret, publish, train
 
 EPILOG = """examples:
   msae demo                                    # the main job: train and compare SAEs offline, in minutes
@@ -26,7 +26,7 @@ EPILOG = """examples:
 each command's --help lists its options; docs/ has a page per stage."""
 
 #: command-group modules: the main job, then the stages in the order of the data
-GROUPS = (demo, embed, train, evaluate, interpret, browse, publish)
+GROUPS = (demo, embed, train, evaluate, bench, interpret, browse, publish)
 
 
 def build_parser() -> argparse.ArgumentParser:
