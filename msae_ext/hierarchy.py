@@ -179,11 +179,16 @@ FAMILY = {
     "BatchTopK": lambda t: {"architecture": "batchtopk", "k": t, "lr": 3e-3},
     "MSAE (RW)": lambda t: {"architecture": "msae", "weighting": "rw", "k_min": 4, "lr": 3e-3},
     "MSAE (UW)": lambda t: {"architecture": "msae", "weighting": "uw", "k_min": 4, "lr": 3e-3},
+    # sae-lens's latent-prefix Matryoshka (Bussmann et al. 2025), here as `architecture: matryoshka`
+    "Matryoshka BatchTopK": lambda t: {"architecture": "matryoshka", "k": t, "lr": 3e-3},
+    # HierarchicalTopK (every k up to K, per sample, equal weights): MSAE's one-sort loss over k = 1..t
+    "HierarchicalTopK": lambda t: {"architecture": "msae", "k_list": list(range(1, t + 1)), "weighting": "uw",
+                                   "lr": 3e-3},
     "ReLU": lambda t: {"architecture": "relu", "l1_coefficient": 0.01, "lr": 3e-3},
     "JumpReLU": lambda t: {"architecture": "jumprelu", "l0_coefficient": 0.01, "lr": 3e-3},
 }
-SLUG = {"TopK": "topk", "BatchTopK": "batchtopk", "MSAE (RW)": "msae_rw", "MSAE (UW)": "msae_uw", "ReLU": "relu",
-        "JumpReLU": "jumprelu"}
+SLUG = {"TopK": "topk", "BatchTopK": "batchtopk", "MSAE (RW)": "msae_rw", "MSAE (UW)": "msae_uw",
+        "Matryoshka BatchTopK": "matryoshka", "HierarchicalTopK": "htopk", "ReLU": "relu", "JumpReLU": "jumprelu"}
 #: families whose trained model does not depend on t: trained once per seed
 T_FREE = {"MSAE (RW)", "MSAE (UW)", "ReLU", "JumpReLU"}
 

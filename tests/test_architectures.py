@@ -62,7 +62,7 @@ def make(arch_cls, cfg_cls, **kw):
 @pytest.mark.parametrize("name", TRAINED)
 def test_paper_initialisation(name):
     sae_cls, cfg_cls = ARCHITECTURES[name].training_sae, ARCHITECTURES[name].training_config
-    sae = make(sae_cls, cfg_cls, **({"k": 4} if name in ("topk", "batchtopk") else {}))
+    sae = make(sae_cls, cfg_cls, **({"k": 4} if name in ("topk", "batchtopk", "matryoshka") else {}))
     norms = sae.W_dec.norm(dim=-1)
     torch.testing.assert_close(norms, torch.full_like(norms, 0.1))
     assert torch.equal(sae.W_enc, sae.W_dec.T)
@@ -74,7 +74,7 @@ def test_encoder_gradients_equal_plain_autograd(name):
     """hidden_pre gives b_dec its gradient through the vector -b_dec W_enc (one vector-matrix product);
     every parameter's gradient of a full training loss equals autograd's through (x - b_dec) @ W_enc + b_enc."""
     sae_cls, cfg_cls = ARCHITECTURES[name].training_sae, ARCHITECTURES[name].training_config
-    sae = make(sae_cls, cfg_cls, dtype="float64", **({"k": 4} if name in ("topk", "batchtopk") else {}))
+    sae = make(sae_cls, cfg_cls, dtype="float64", **({"k": 4} if name in ("topk", "batchtopk", "matryoshka") else {}))
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -230,7 +230,7 @@ def test_save_load_round_trip_bit_for_bit(tmp_path, name):
     from sae_lens import SAE
 
     sae_cls, cfg_cls = ARCHITECTURES[name].training_sae, ARCHITECTURES[name].training_config
-    kw = {"k": 4} if name in ("topk", "batchtopk") else {}
+    kw = {"k": 4} if name in ("topk", "batchtopk", "matryoshka") else {}
     sae = make(sae_cls, cfg_cls, soft_cap=3.0, **kw)
     with torch.no_grad():
         for p in sae.parameters():
@@ -345,3 +345,29 @@ def test_jumprelu_l0_follows_its_coefficient(tmp_path, embeddings):
     for name in ("l0", "l3"):
         l0[name] = evaluate_sae(load_sae(tmp_path / name), str(eval_path), protocol="native")["l0_active"]
     assert l0["l3"] < 0.8 * l0["l0"], l0
+
+
+def test_matryoshka_prefix_loss_equals_one_decode_per_prefix():
+    """The running prefix decode against a dense decode of each masked prefix: loss and every
+    parameter's gradient, float64; and the prefixes it refuses."""
+    from msae_ext.architectures.matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig, reference_loss
+
+    for recon in ("mse", "nmse"):
+        sae = make(MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig, k=4, dtype="float64", recon_loss=recon)
+        assert sae.cfg.prefixes == [2, 4, 8, 16, 32]
+        with torch.no_grad():
+            for p in sae.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+        x = torch.randn(6, 8, dtype=torch.float64)
+        params = list(sae.parameters())
+        out = sae.training_forward_pass(step_input(x))
+        assert set(out.losses) >= {"recon_loss", "recon_loss_2", "recon_loss_16"}
+        fast = torch.autograd.grad(out.loss, params)
+        ref_loss = reference_loss(sae, x)
+        torch.testing.assert_close(out.loss, ref_loss)
+        for g, e in zip(fast, torch.autograd.grad(ref_loss, params)):
+            torch.testing.assert_close(g, e)
+    with pytest.raises(ValueError, match="prefixes must increase strictly"):
+        MatryoshkaTrainingSAEConfig(d_in=8, d_sae=32, k=4, prefixes=[8, 4, 32])
+    with pytest.raises(ValueError, match="to d_sae=32"):
+        MatryoshkaTrainingSAEConfig(d_in=8, d_sae=32, k=4, prefixes=[8, 16])

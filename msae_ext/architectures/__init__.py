@@ -28,6 +28,7 @@ from .classical import ica as _ica
 from .classical import kmeans as _kmeans
 from .classical import nmf as _nmf
 from .batchtopk import BatchTopKSAEConfig, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+from .matryoshka import MatryoshkaSAEConfig, MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
 from .jumprelu import JumpReLUPaperSAE, JumpReLUSAEConfig, JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 from .msae import MSAEConfig, MSAETrainingSAE, MSAETrainingSAEConfig, resolve_alphas, resolve_k_list
 from .nested_topk import nested_topk_loss, nested_topk_loss_reference
@@ -64,6 +65,8 @@ ARCHITECTURES = {a.name: a for a in (
     Architecture("relu", "msae_relu", ReLUSAEConfig, ReLUTrainingSAE, ReLUTrainingSAEConfig, 5e-5),
     Architecture("topk", "msae_topk", TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig, 5e-4),
     Architecture("batchtopk", "msae_batchtopk", BatchTopKSAEConfig, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, 5e-4),
+    Architecture("matryoshka", "msae_matryoshka", MatryoshkaSAEConfig, MatryoshkaTrainingSAE,
+                 MatryoshkaTrainingSAEConfig, 5e-4),
     Architecture("jumprelu", "msae_jumprelu", JumpReLUSAEConfig, JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, 5e-5,
                  JumpReLUPaperSAE),
     *(Architecture(name, m.inference_config.architecture(), m.inference_config, None, m.training_config, 0.0,

@@ -23,7 +23,7 @@ def add_commands(sub) -> None:
     h.add_argument("--l0", default="8,16", help="target L0s, comma-separated (default 8,16)")
     h.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated (default 0,1,2)")
     h.add_argument("--families", help="architectures, comma-separated (default all: TopK, BatchTopK, MSAE (RW), "
-                                      "MSAE (UW), ReLU, JumpReLU)")
+                                      "MSAE (UW), Matryoshka BatchTopK, HierarchicalTopK, ReLU, JumpReLU)")
     h.add_argument("--features", type=positive_int, help="number of true features (default 256)")
     h.add_argument("--quick", action="store_true", help="small sizes (under a minute), for smoke tests")
     h.add_argument("--no-progress", action="store_true")
