@@ -85,8 +85,10 @@ class Browser:
             order = self.index.order(query, sort, self.table.valid if self.table else None, valid_only, limit)
         except ValueError as e:
             raise BrowserError(str(e)) from None
-        if self._summaries is None:  # every latent's row of the list, made once
-            self._summaries = [self._with_validation(self.index.summary(j)) for j in range(self.space.d_sae)]
+        if self._summaries is None:  # every latent's row of the list, made once (5 significant digits)
+            self._summaries = [self._with_validation({k: float(f"{v:.5g}") if isinstance(v, float) else v
+                                                      for k, v in self.index.summary(j).items()})
+                               for j in range(self.space.d_sae)]
         return [dict(self._summaries[j]) for j in order]
 
     def latents_json(self) -> bytes:

@@ -156,4 +156,5 @@ def make_server(browser: Browser, host: str = "127.0.0.1", port: int = 8765, qui
             raise BrowserError(f"port {port} is in use (another msae serve?); give another with --port") from None
         raise BrowserError(f"cannot serve on {host}:{port}: {e.strerror}") from None
     server.daemon_threads = True
+    browser.latents_json()  # the list the app loads first, serialised before the first request
     return server
