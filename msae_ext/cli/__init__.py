@@ -13,7 +13,7 @@ import sys
 from . import bench, browse, demo, embed, evaluate, interpret, publish, train
 
 EPILOG = """examples:
-  msae demo                                    # the main job: train and compare SAEs offline, in minutes
+  msae demo                                    # the main job: train, compare, name and browse SAEs offline
   msae embed --model ViT-L-14 --pretrained openai --modality image --dataset cc3m:/data/cc3m --out emb/cc3m_image
   msae train run.yaml --set lr=1e-4 --set wandb.mode=offline --out runs/msae_rw
   msae eval --sae runs/msae_rw --data emb/in1k --modality image --out runs/msae_rw/imagenet.json
@@ -22,6 +22,8 @@ EPILOG = """examples:
   msae concepts --sae runs/msae_rw --clip ViT-L-14 --pretrained openai --out runs/msae_rw/concepts.json
   msae search --index emb/in1k_val --sae runs/msae_rw --concepts concepts.json --query-row 17 --steer germany=20,30
   msae serve --sae runs/msae_rw --data emb/in1k_val --concepts concepts.json   # the concept browser
+  msae dashboard --sae runs/msae_rw --data emb/in1k_val --concepts concepts.json --out site/
+  msae bench hierarchy --out bench/hierarchy   # recovery and absorption of a known feature hierarchy
   msae publish --sae runs/msae_rw_x8 --repo you/msae-clip-vitl14-rw --dry-run --out release/
 each command's --help lists its options; docs/ has a page per stage."""
 
