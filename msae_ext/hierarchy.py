@@ -76,9 +76,12 @@ def cosines(decoder: torch.Tensor, true_features: torch.Tensor) -> np.ndarray:
 def match_features(decoder: torch.Tensor, true_features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(latent matched to each true feature, its cosine): the one-to-one matching of largest total
     cosine. Needs at least as many latents as true features."""
+    return _match(cosines(decoder, true_features))
+
+
+def _match(cos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     from scipy.optimize import linear_sum_assignment
 
-    cos = cosines(decoder, true_features)
     if cos.shape[0] > cos.shape[1]:
         raise ValueError(f"{cos.shape[0]} true features but only {cos.shape[1]} latents to match them to")
     rows, cols = linear_sum_assignment(cos, maximize=True)
@@ -100,8 +103,9 @@ def hierarchy_report(z: torch.Tensor, true_acts: torch.Tensor, decoder: torch.Te
         raise ValueError(f"{len(z)} rows of activations but {len(true_acts)} rows of true activations")
     from sae_lens.synthetic import mean_correlation_coefficient
 
-    latent, matched = match_features(decoder, true_features)
-    best = cosines(decoder, true_features).max(axis=1)
+    cos = cosines(decoder, true_features)  # one (num_features, d_sae) matrix for the matching and recovery
+    latent, matched = _match(cos)
+    best = cos.max(axis=1)
     fires = (true_acts > 0).cpu().numpy()
     on = (z[:, torch.as_tensor(latent)] > 0).cpu().numpy()  # (rows, num_features): the matched latent is on
     depth = forest.depth
