@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -140,14 +140,20 @@ def hierarchy_report(z: torch.Tensor, true_acts: torch.Tensor, decoder: torch.Te
     return report
 
 
-def nesting_levels(z: torch.Tensor, fires: np.ndarray, latent: np.ndarray, depth: np.ndarray,
-                   levels: Sequence[int]) -> dict[str, Any]:
-    """Per true feature, the median level at which its matched latent enters its rows' top-k."""
+def entry_levels(z: torch.Tensor, levels: Sequence[int]) -> torch.Tensor:
+    """(rows, d_sae): the smallest level k of `levels` whose top-k of the row holds the latent
+    (its rank in the row below k); past the largest level, the largest."""
     lv = torch.as_tensor(sorted(levels))
     order = z.argsort(dim=1, descending=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(z.shape[1]).expand_as(order))  # 0 = the row's largest
-    entered = lv[torch.searchsorted(lv, rank[:, torch.as_tensor(latent)] + 1).clamp_max(len(lv) - 1)].numpy()
+    return lv[torch.searchsorted(lv, rank + 1).clamp_max(len(lv) - 1)]
+
+
+def nesting_levels(z: torch.Tensor, fires: np.ndarray, latent: np.ndarray, depth: np.ndarray,
+                   levels: Sequence[int]) -> dict[str, Any]:
+    """Per true feature, the median level at which its matched latent enters its rows' top-k."""
+    entered = entry_levels(z, levels)[:, torch.as_tensor(latent)].numpy()
     active = fires & (z[:, torch.as_tensor(latent)] > 0).cpu().numpy()
     per_feature = np.array([np.median(entered[active[:, f], f]) if active[:, f].any() else np.nan
                             for f in range(len(latent))])
@@ -176,25 +182,33 @@ class BenchSize:
 BENCH_QUICK = BenchSize(num_features=64, hidden_dim=32, roots=4, branching=3, train_rows=4_000, eval_rows=1_000,
                         epochs=2, batch_size=256)
 
-#: name -> run-config entry for a target L0 t. Every model is compared at matched L0: each eval
-#: row keeps its t largest activations (MSAE's nested levels, ReLU and JumpReLU included)
+@dataclass(frozen=True)
+class Family:
+    slug: str  # its runs' folder names
+    entry: Callable[[int], dict[str, Any]]  # the run-config entry for a target L0 t
+    t_free: bool = False  # its model does not depend on t: trained once per seed
+
+
+#: every architecture of the benchmark. Each is compared at matched L0: each eval row keeps its t
+#: largest activations (MSAE's nested levels, ReLU and JumpReLU included)
 FAMILY = {
-    "TopK": lambda t: {"architecture": "topk", "k": t, "lr": 3e-3},
-    "BatchTopK": lambda t: {"architecture": "batchtopk", "k": t, "lr": 3e-3},
-    "MSAE (RW)": lambda t: {"architecture": "msae", "weighting": "rw", "k_min": 4, "lr": 3e-3},
-    "MSAE (UW)": lambda t: {"architecture": "msae", "weighting": "uw", "k_min": 4, "lr": 3e-3},
+    "TopK": Family("topk", lambda t: {"architecture": "topk", "k": t, "lr": 3e-3}),
+    "BatchTopK": Family("batchtopk", lambda t: {"architecture": "batchtopk", "k": t, "lr": 3e-3}),
+    "MSAE (RW)": Family("msae_rw", lambda t: {"architecture": "msae", "weighting": "rw", "k_min": 4, "lr": 3e-3},
+                        t_free=True),
+    "MSAE (UW)": Family("msae_uw", lambda t: {"architecture": "msae", "weighting": "uw", "k_min": 4, "lr": 3e-3},
+                        t_free=True),
     # sae-lens's latent-prefix Matryoshka (Bussmann et al. 2025), here as `architecture: matryoshka`
-    "Matryoshka BatchTopK": lambda t: {"architecture": "matryoshka", "k": t, "lr": 3e-3},
+    "Matryoshka BatchTopK": Family("matryoshka", lambda t: {"architecture": "matryoshka", "k": t, "lr": 3e-3}),
     # HierarchicalTopK (every k up to K, per sample, equal weights): MSAE's one-sort loss over k = 1..t
-    "HierarchicalTopK": lambda t: {"architecture": "msae", "k_list": list(range(1, t + 1)), "weighting": "uw",
-                                   "lr": 3e-3},
-    "ReLU": lambda t: {"architecture": "relu", "l1_coefficient": 0.01, "lr": 3e-3},
-    "JumpReLU": lambda t: {"architecture": "jumprelu", "l0_coefficient": 0.01, "lr": 3e-3},
+    "HierarchicalTopK": Family("htopk", lambda t: {"architecture": "msae", "k_list": list(range(1, t + 1)),
+                                                   "weighting": "uw", "lr": 3e-3}),
+    # msae_ext's variant: nested by latent prefix and by k, balanced weights (matryoshka_topk.py)
+    "Matryoshka TopK": Family("mtopk", lambda t: {"architecture": "matryoshka_topk", "k": t, "lr": 3e-3}),
+    "ReLU": Family("relu", lambda t: {"architecture": "relu", "l1_coefficient": 0.01, "lr": 3e-3}, t_free=True),
+    "JumpReLU": Family("jumprelu", lambda t: {"architecture": "jumprelu", "l0_coefficient": 0.01, "lr": 3e-3},
+                       t_free=True),
 }
-SLUG = {"TopK": "topk", "BatchTopK": "batchtopk", "MSAE (RW)": "msae_rw", "MSAE (UW)": "msae_uw",
-        "Matryoshka BatchTopK": "matryoshka", "HierarchicalTopK": "htopk", "ReLU": "relu", "JumpReLU": "jumprelu"}
-#: families whose trained model does not depend on t: trained once per seed
-T_FREE = {"MSAE (RW)", "MSAE (UW)", "ReLU", "JumpReLU"}
 
 
 def synthetic_hierarchy(size: BenchSize, seed: int = 0):
@@ -242,9 +256,9 @@ def run_hierarchy_bench(out_dir: str | Path, *, l0_targets: Sequence[int] = (8, 
     entries, members = [], []
     for seed in seeds:
         for fam in families:
-            for t in ([max(l0_targets)] if fam in T_FREE else l0_targets):
-                name = f"{SLUG[fam]}_t{t}_s{seed}"
-                entries.append({"name": name, "seed": seed, **FAMILY[fam](t)})
+            for t in ([max(l0_targets)] if FAMILY[fam].t_free else l0_targets):
+                name = f"{FAMILY[fam].slug}_t{t}_s{seed}"
+                entries.append({"name": name, "seed": seed, **FAMILY[fam].entry(t)})
                 members.append((fam, t, seed, name))
     cfg = TrainConfig.from_dict(dict(train_data=str(out / "data" / "train.npy"), architecture="topk",
                                      expansion_factor=size.num_features // size.hidden_dim, epochs=size.epochs,
@@ -259,7 +273,7 @@ def run_hierarchy_bench(out_dir: str | Path, *, l0_targets: Sequence[int] = (8, 
         with torch.no_grad():
             z_all = sae.encode(x)
         levels = resolve_k_list(sae.cfg.d_sae, getattr(sae.cfg, "k_list", None) or None, k_min=1)
-        for t in (l0_targets if fam in T_FREE else [t_trained]):
+        for t in (l0_targets if FAMILY[fam].t_free else [t_trained]):
             z = keep_topk_by_magnitude(z_all, t)
             r = hierarchy_report(z, f_eval, sae.W_dec, truth, forest, levels=levels)
             r.pop("nesting_level_per_feature")

@@ -54,6 +54,9 @@ def test_alphas():
         resolve_alphas(2, "xw")
 
 
+K_ARCHS = ("topk", "batchtopk", "matryoshka", "matryoshka_topk")
+
+
 def make(arch_cls, cfg_cls, **kw):
     torch.manual_seed(0)
     return arch_cls(cfg_cls(d_in=8, d_sae=32, **kw))
@@ -62,7 +65,7 @@ def make(arch_cls, cfg_cls, **kw):
 @pytest.mark.parametrize("name", TRAINED)
 def test_paper_initialisation(name):
     sae_cls, cfg_cls = ARCHITECTURES[name].training_sae, ARCHITECTURES[name].training_config
-    sae = make(sae_cls, cfg_cls, **({"k": 4} if name in ("topk", "batchtopk", "matryoshka") else {}))
+    sae = make(sae_cls, cfg_cls, **({"k": 4} if name in K_ARCHS else {}))
     norms = sae.W_dec.norm(dim=-1)
     torch.testing.assert_close(norms, torch.full_like(norms, 0.1))
     assert torch.equal(sae.W_enc, sae.W_dec.T)
@@ -74,7 +77,7 @@ def test_encoder_gradients_equal_plain_autograd(name):
     """hidden_pre gives b_dec its gradient through the vector -b_dec W_enc (one vector-matrix product);
     every parameter's gradient of a full training loss equals autograd's through (x - b_dec) @ W_enc + b_enc."""
     sae_cls, cfg_cls = ARCHITECTURES[name].training_sae, ARCHITECTURES[name].training_config
-    sae = make(sae_cls, cfg_cls, dtype="float64", **({"k": 4} if name in ("topk", "batchtopk", "matryoshka") else {}))
+    sae = make(sae_cls, cfg_cls, dtype="float64", **({"k": 4} if name in K_ARCHS else {}))
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -230,7 +233,7 @@ def test_save_load_round_trip_bit_for_bit(tmp_path, name):
     from sae_lens import SAE
 
     sae_cls, cfg_cls = ARCHITECTURES[name].training_sae, ARCHITECTURES[name].training_config
-    kw = {"k": 4} if name in ("topk", "batchtopk", "matryoshka") else {}
+    kw = {"k": 4} if name in K_ARCHS else {}
     sae = make(sae_cls, cfg_cls, soft_cap=3.0, **kw)
     with torch.no_grad():
         for p in sae.parameters():
@@ -371,3 +374,40 @@ def test_matryoshka_prefix_loss_equals_one_decode_per_prefix():
         MatryoshkaTrainingSAEConfig(d_in=8, d_sae=32, k=4, prefixes=[8, 4, 32])
     with pytest.raises(ValueError, match="to d_sae=32"):
         MatryoshkaTrainingSAEConfig(d_in=8, d_sae=32, k=4, prefixes=[8, 16])
+
+
+def test_matryoshka_topk_loss_equals_one_decode_per_level():
+    """Prefix levels (running decode) and k levels (one sort, rank segments gathered or multiplied)
+    against a dense decode of each level: loss and every parameter's gradient, float64; and the
+    options it refuses."""
+    from msae_ext.architectures import nested_topk
+    from msae_ext.architectures.matryoshka_topk import (
+        MatryoshkaTopKTrainingSAE,
+        MatryoshkaTopKTrainingSAEConfig,
+        reference_loss,
+    )
+
+    for recon, levels, weight, gather in (("mse", [1, 3], 1.0, 0.0), ("nmse", [2], 0.5, 1.0), ("mse", [], 2.0, 0.0)):
+        nested_topk.GATHER_FRACTION["cpu"] = gather  # segments by GEMM, then by embedding_bag
+        try:
+            sae = make(MatryoshkaTopKTrainingSAE, MatryoshkaTopKTrainingSAEConfig, k=6, k_levels=levels,
+                       inner_weight=weight, dtype="float64", recon_loss=recon)
+            with torch.no_grad():
+                for p in sae.parameters():
+                    p.add_(torch.randn_like(p) * 0.3)
+            x = torch.randn(7, 8, dtype=torch.float64)
+            params = list(sae.parameters())
+            out = sae.training_forward_pass(step_input(x))
+            assert {f"k_{k}" for k in levels} | {"prefix_2", "prefix_16"} <= set(out.losses)
+            assert int((out.feature_acts > 0).sum(-1).max()) <= 6
+            fast = torch.autograd.grad(out.loss, params)
+        finally:
+            nested_topk.GATHER_FRACTION["cpu"] = 1 / 10
+        ref_loss = reference_loss(sae, x)
+        torch.testing.assert_close(out.loss, ref_loss)
+        for g, e in zip(fast, torch.autograd.grad(ref_loss, params)):
+            torch.testing.assert_close(g, e)
+    with pytest.raises(ValueError, match="k_levels must increase strictly from 1 to below k=4"):
+        MatryoshkaTopKTrainingSAEConfig(d_in=8, d_sae=32, k=4, k_levels=[2, 4])
+    with pytest.raises(ValueError, match="prefixes must increase strictly"):
+        MatryoshkaTopKTrainingSAEConfig(d_in=8, d_sae=32, k=4, prefixes=[16, 8, 32])

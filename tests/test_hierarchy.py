@@ -120,3 +120,56 @@ def test_msae_bench_hierarchy_end_to_end(tmp_path, capsys):
     assert "| 8 | MSAE (RW) |" in capsys.readouterr().out
     assert msae_cli.main(["bench", "hierarchy", "--out", str(out), "--families", "Sparse PCA"]) == 2
     assert "unknown families ['Sparse PCA']" in capsys.readouterr().err
+
+
+def test_bench_help_names_every_family(capsys):
+    from msae_ext import cli as msae_cli
+    from msae_ext.hierarchy import FAMILY
+
+    with pytest.raises(SystemExit):
+        msae_cli.main(["bench", "hierarchy", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert [f for f in FAMILY if f not in text] == []
+
+
+def test_wordnet_noun_depths_follow_hypernym_links():
+    """Depth 0 at the root and one more per hypernym link along the top of the tree (entity >
+    physical entity > object), growing down a chain of hypernyms (animal > dog > poodle)."""
+    from msae_ext.embed.datasets import wordnet_noun_depths
+
+    d = wordnet_noun_depths()
+    assert (d["entity"], d["physical entity"], d["object"]) == (0, 1, 2)
+    assert d["animal"] < d["dog"] < d["poodle"] and d["food"] < d["rice"]
+    assert min(d.values()) == 0 and len(d) > 100_000
+
+
+def test_entry_levels_against_ranks_by_hand():
+    from msae_ext.hierarchy import entry_levels
+
+    z = torch.tensor([[0.0, 5.0, 1.0, 3.0, 2.0]])  # ranks: latent 1 -> 0, 3 -> 1, 4 -> 2, 2 -> 3, 0 -> 4
+    assert entry_levels(z, [1, 2, 4]).tolist() == [[4, 1, 4, 2, 4]]
+
+
+def test_bench_hierarchy_text_on_real_wordnet_text(tmp_path, capsys):
+    """The real pipeline on a small part of WordNet (adverb definitions, wordllama): every family's
+    row, ranks of levels against depths, and the runs `msae serve` can open."""
+    import json
+
+    pytest.importorskip("wordllama")
+    from msae_ext import cli as msae_cli
+    from msae_ext.hierarchy_text import run_text_hierarchy
+
+    doc = run_text_hierarchy(tmp_path, l0_targets=(4, 8), families=["TopK", "MSAE (UW)"], epochs=1,
+                             train="wordnet:adv", eval="wordnet:adv", progress=False)
+    assert sorted((r["family"], r["l0"]) for r in doc["runs"]) == [("MSAE (UW)", 4), ("MSAE (UW)", 8),
+                                                                   ("TopK", 4), ("TopK", 8)]
+    for r in doc["runs"]:
+        assert 0 < r["fvu"] < 1 and 0 <= r["dead"] < 1 and r["named"] > 2 and -1 <= r["rho_level_depth"] <= 1
+        assert 1 <= r["level_shallow"] <= 8 and len(r["examples"]["earliest"]) == 4
+    # a lower L0 reconstructs worse than a higher one from the same MSAE
+    msae = {r["l0"]: r["fvu"] for r in doc["runs"] if r["family"] == "MSAE (UW)"}
+    assert msae[4] > msae[8]
+    assert json.loads((tmp_path / "hierarchy_text.json").read_text())["runs"] == json.loads(json.dumps(doc["runs"]))
+    assert "| 8 | MSAE (UW) |" in (tmp_path / "hierarchy_text.md").read_text()
+    assert msae_cli.main(["bench", "hierarchy-text", "--out", str(tmp_path), "--families", "PCA"]) == 2
+    assert "unknown families ['PCA']" in capsys.readouterr().err

@@ -20,7 +20,7 @@ STAGES = [
     {"interpret"},
     {"publish", "export"},
     {"browse"},
-    {"demo"},
+    {"demo", "hierarchy_text"},
     {"cli"},
 ]
 

@@ -29,6 +29,7 @@ from .classical import kmeans as _kmeans
 from .classical import nmf as _nmf
 from .batchtopk import BatchTopKSAEConfig, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 from .matryoshka import MatryoshkaSAEConfig, MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig
+from .matryoshka_topk import MatryoshkaTopKSAEConfig, MatryoshkaTopKTrainingSAE, MatryoshkaTopKTrainingSAEConfig
 from .jumprelu import JumpReLUPaperSAE, JumpReLUSAEConfig, JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 from .msae import MSAEConfig, MSAETrainingSAE, MSAETrainingSAEConfig, resolve_alphas, resolve_k_list
 from .nested_topk import nested_topk_loss, nested_topk_loss_reference
@@ -67,6 +68,8 @@ ARCHITECTURES = {a.name: a for a in (
     Architecture("batchtopk", "msae_batchtopk", BatchTopKSAEConfig, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, 5e-4),
     Architecture("matryoshka", "msae_matryoshka", MatryoshkaSAEConfig, MatryoshkaTrainingSAE,
                  MatryoshkaTrainingSAEConfig, 5e-4),
+    Architecture("matryoshka_topk", "msae_matryoshka_topk", MatryoshkaTopKSAEConfig, MatryoshkaTopKTrainingSAE,
+                 MatryoshkaTopKTrainingSAEConfig, 5e-4),
     Architecture("jumprelu", "msae_jumprelu", JumpReLUSAEConfig, JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, 5e-5,
                  JumpReLUPaperSAE),
     *(Architecture(name, m.inference_config.architecture(), m.inference_config, None, m.training_config, 0.0,

@@ -25,7 +25,7 @@ from ..fileio import write_text_atomic
 from ..interpret.concepts import ConceptTable
 from ..interpret.index import META_FILE, LatentIndex, build_index
 from ..interpret.rows import RowSet, open_rows
-from ..interpret.search import similarity_search
+from ..interpret.search import query_embedding, similarity_search
 from ..interpret.space import ConceptSpace, Edit
 from ..store import check_dimension, read_all
 
@@ -184,30 +184,13 @@ class Browser:
             and hasattr(self.encoder.model, "encode_image")
 
     def _embed(self, *, text: str | None, row: int | None, image: bytes | None) -> tuple[np.ndarray, dict]:
-        given = [k for k, v in dict(text=text, row=row, image=image).items() if v not in (None, "")]
+        given = {k: v for k, v in dict(text=text, row=row, image=image).items() if v not in (None, "")}
         if len(given) != 1:
             raise BrowserError("give exactly one query: a text, a row of the data, or an image")
-        if row is not None:
-            if not 0 <= row < self.rows.n_rows:
-                raise BrowserError(f"row {row} does not exist; the data has {self.rows.n_rows} rows")
-            return self.rows.source.read(row, row + 1)[0], self.describe(row)
-        if image is not None:
-            if not self._embeds_images():
-                raise BrowserError("an image query needs a CLIP model: start msae serve with --clip MODEL "
-                                   "--pretrained TAG")
-            from PIL import Image, UnidentifiedImageError
-
-            from ..embed.extract import encode_images
-
-            try:
-                picture = Image.open(io.BytesIO(image)).convert("RGB")
-            except (UnidentifiedImageError, OSError):
-                raise BrowserError("the uploaded file is not an image that PIL can read") from None
-            with self._lock:
-                x = encode_images(self.encoder, self.encoder.preprocess(picture)[None])[0]
-            return self._checked(x), {"image": "uploaded image"}
-        assert text is not None
-        if self.encoder is None:
+        if image is not None and not self._embeds_images():
+            raise BrowserError("an image query needs a CLIP model: start msae serve with --clip MODEL "
+                               "--pretrained TAG")
+        if text and self.encoder is None:
             if self.table is None:
                 raise BrowserError("a text query needs a text encoder (msae serve --clip MODEL --pretrained TAG) "
                                    "or, for a vocabulary word, concept names (--concepts)")
@@ -218,11 +201,12 @@ class Browser:
                                    "word of the concept vocabulary") from None
             raise BrowserError(f"no text encoder is loaded; {text!r} is the concept of latent #{j} (its page: "
                                f"#/latent/{j})")
-        from ..embed.extract import encode_texts
-
-        with self._lock:
-            x = encode_texts(self.encoder, [text])[0]
-        return self._checked(x), {"text": text}
+        try:
+            with self._lock:
+                x, described = query_embedding(self.rows, clip=self.encoder, **given)
+        except ValueError as e:
+            raise BrowserError(str(e)) from None
+        return (x, self.describe(row)) if row is not None else (self._checked(x), described)
 
     def _checked(self, x: np.ndarray) -> np.ndarray:
         if x.shape[-1] != self.space.d_in:

@@ -72,3 +72,18 @@ def write_json(path: str | Path, data) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(data, indent=1))
     return path
+
+
+def sae_data_args(p, data_help: str | None) -> None:
+    """--sae, --data (when `data_help` is given), --modality, --concepts, --device: the options of
+    every command that reads an SAE over an embedding set."""
+    p.add_argument("--sae", required=data_help is not None, type=sae_ref,
+                   help="SAE folder, or a release (RELEASE[:SAE_ID], e.g. msae-clip-vitl14-rw), whose concept names "
+                        "come with it")
+    if data_help:
+        p.add_argument("--data", required=True, type=existing_data, help=data_help)
+    p.add_argument("--modality", choices=("image", "text"), default=None,
+                   help="which saved statistics to apply to the rows (default: the SAE's training modality)")
+    p.add_argument("--concepts", type=existing, help="concepts.json from `msae concepts` (latent names and "
+                                                     "validations; a release's come with it)")
+    p.add_argument("--device", default="cpu")

@@ -5,22 +5,16 @@ from __future__ import annotations
 
 import argparse
 
-from .args import existing, existing_data, positive_int, sae_ref
+from .args import positive_int, sae_data_args
 
 DATA_HELP = ("embedding set to browse: an `msae embed` cache (its captions, ids and images are shown) or a "
              ".npy/.safetensors/... matrix; its latent index is built once (one pass) and cached next to the SAE")
 
 
 def _common(p) -> None:
-    p.add_argument("--sae", required=True, type=sae_ref,
-                   help="SAE folder, or a release (RELEASE[:SAE_ID]) whose concept names come with it")
-    p.add_argument("--data", required=True, type=existing_data, help=DATA_HELP)
-    p.add_argument("--concepts", type=existing, help="concepts.json from `msae concepts` (latent names, validations)")
-    p.add_argument("--modality", choices=("image", "text"), default=None,
-                   help="statistics applied to the rows (default: the SAE's training modality)")
+    sae_data_args(p, DATA_HELP)
     p.add_argument("--index-dir", help="where the latent index is cached (default: SAE/browser_index/...)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the latent index even if a cached one matches")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
 
 

@@ -7,20 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .args import existing, existing_data, positive_int, sae_ref, split_list, write_json
-
-
-def _sae_args(q, data_help: str | None) -> None:
-    q.add_argument("--sae", required=data_help is not None, type=sae_ref,
-                   help="SAE folder, or a release (RELEASE[:SAE_ID], e.g. msae-clip-vitl14-rw), whose concept names "
-                        "come with it")
-    if data_help:
-        q.add_argument("--data", required=True, type=existing_data, help=data_help)
-    q.add_argument("--modality", choices=("image", "text"), default=None,
-                   help="which saved statistics to apply to the rows (default: the training modality)")
-    q.add_argument("--concepts", type=existing, help="concepts.json from `msae concepts` (neuron names; a release's "
-                                                     "come with it)")
-    q.add_argument("--device", default="cpu")
+from .args import existing, existing_data, positive_int, sae_data_args, sae_ref, split_list, write_json
 
 
 def add_commands(sub) -> None:
@@ -56,7 +43,7 @@ def add_commands(sub) -> None:
     c.set_defaults(func=run_concepts)
 
     ex = sub.add_parser("examples", help="top-activating examples and interval samples per neuron (+ image grids)")
-    _sae_args(ex, "embedding set: an `msae embed` cache (ids, captions, images known) or .npy/.safetensors/...")
+    sae_data_args(ex, "embedding set: an `msae embed` cache (ids, captions, images known) or .npy/.safetensors/...")
     ex.add_argument("--captions", type=existing, help="captions file, one line per row (for plain matrices)")
     ex.add_argument("--neurons", help="comma-separated neuron indices or concept words (default: every neuron)")
     ex.add_argument("--valid-only", action="store_true", help="only neurons passing every validation of --concepts")
@@ -78,7 +65,7 @@ def add_commands(sub) -> None:
                     "flags act together, and CONCEPT=20,30 gives one search per value.")
     se.add_argument("--index", required=True, type=existing_data, help="embedding set to search (an `msae embed` cache, .npy, ...)")
     se.add_argument("--captions", type=existing, help="captions file, one line per row (for plain matrices)")
-    _sae_args(se, None)
+    sae_data_args(se, None)
     se.add_argument("--query-row", type=int, help="query: this row of the index")
     se.add_argument("--query-id", help="query: the row with this id")
     se.add_argument("--query-embedding", help="query: FILE.npy[:ROW], a raw CLIP embedding")
@@ -108,7 +95,7 @@ def add_commands(sub) -> None:
                     "concept magnitudes against its predictions (Mann-Whitney U, rank-biserial, Cohen's d; density "
                     "and box plots) and draw counterfactual curves: the class probability as a concept's magnitude "
                     "is raised in SAE space and decoded.")
-    _sae_args(b, "embedding set with labels (an `msae embed` cache, e.g. of celeba:ROOT) or a matrix + --labels")
+    sae_data_args(b, "embedding set with labels (an `msae embed` cache, e.g. of celeba:ROOT) or a matrix + --labels")
     b.add_argument("--labels", type=existing, help="binary labels aligned with rows (.npy or one per line)")
     b.add_argument("--attribute", help="attribute of the cache's labels (CelebA: Male, Eyeglasses, ...)")
     b.add_argument("--invert-label", action="store_true", help="use 1 - label (the paper: 1 = female = not Male)")

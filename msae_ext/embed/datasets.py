@@ -238,6 +238,40 @@ def wordnet_dir() -> Path:
     return root
 
 
+def wordnet_noun_depths() -> dict[str, int]:
+    """Each WordNet noun lemma's depth in the noun hierarchy: the fewest hypernym links (@ and @i)
+    from its most frequent sense (the first in index.noun) up to `entity` (depth 0). Coarse
+    concepts are shallow: food 4, animal 6, dog 8, poodle 9 (lower case, spaces for underscores)."""
+    root = wordnet_dir()
+    up: dict[str, list[str]] = {}
+    for line in (root / "data.noun").read_text(encoding="utf-8").splitlines():
+        if line.startswith(" "):
+            continue
+        fields = line.split("|", 1)[0].split()
+        n_words = int(fields[3], 16)
+        at = 4 + 2 * n_words
+        pointers = fields[at + 1: at + 1 + 4 * int(fields[at])]
+        up[fields[0]] = [pointers[i + 1] for i in range(0, len(pointers), 4) if pointers[i] in ("@", "@i")]
+    depth: dict[str, int] = {}
+    for offset in up:  # iterative: each synset's depth after its hypernyms'
+        stack = [offset]
+        while stack:
+            s = stack[-1]
+            pending = [h for h in up[s] if h not in depth]
+            if pending:
+                stack.extend(pending)
+                continue
+            stack.pop()
+            depth[s] = 1 + min((depth[h] for h in up[s]), default=-1)
+    out = {}
+    for line in (root / "index.noun").read_text(encoding="utf-8").splitlines():
+        if line.startswith(" "):
+            continue
+        fields = line.split()
+        out[fields[0].replace("_", " ")] = depth[fields[-int(fields[2])]]
+    return out
+
+
 def wordnet(pos: str = "all") -> TextLines:
     """One item per synset: its gloss's definition (the text before the first quoted example),
     labelled with its lexicographer file (module docstring)."""

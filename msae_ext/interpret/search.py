@@ -12,7 +12,9 @@ index stays memory-mapped: a million 768-d float32 rows are 3 GB on disk and one
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -166,9 +168,10 @@ def parse_steering(specs: list[str], table: ConceptTable | None) -> list[list[Ed
 
 
 def query_embedding(rows: RowSet, *, row: int | None = None, id: str | None = None, embedding: str | None = None,
-                    image: str | None = None, text: str | None = None, clip: Any = None) -> tuple[np.ndarray, dict]:
+                    image: Any = None, text: str | None = None, clip: Any = None) -> tuple[np.ndarray, dict]:
     """One query as a raw CLIP embedding, and how to describe it: a row of `rows` (by number or
-    id), FILE.npy[:ROW] (a raw embedding), or an image or a text through `clip` (a LoadedClip)."""
+    id), FILE.npy[:ROW] (a raw embedding), or an image (a path, the file's bytes or a PIL image) or
+    a text through `clip` (a LoadedClip)."""
     given = [k for k, v in dict(row=row, id=id, embedding=embedding, image=image, text=text).items() if v is not None]
     if len(given) != 1:
         raise ValueError("give exactly one query: a row, an id, an embedding file, an image or a text")
@@ -178,7 +181,7 @@ def query_embedding(rows: RowSet, *, row: int | None = None, id: str | None = No
         row = rows.ids.index(id)
     if row is not None:
         if not 0 <= row < rows.n_rows:
-            raise ValueError(f"query row {row}: the index has {rows.n_rows} rows")
+            raise ValueError(f"query row {row}: the data has {rows.n_rows} rows")
         return rows.source.read(row, row + 1)[0], rows.describe(row)
     if embedding is not None:
         from ..fileio import load_npy
@@ -193,9 +196,15 @@ def query_embedding(rows: RowSet, *, row: int | None = None, id: str | None = No
 
     if text is not None:
         return encode_texts(clip, [text])[0], {"text": text}
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    return encode_images(clip, clip.preprocess(Image.open(image).convert("RGB"))[None])[0], {"image": image}
+    described = {"image": image if isinstance(image, (str, Path)) else "uploaded image"}
+    if not isinstance(image, Image.Image):
+        try:
+            image = Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
+        except (UnidentifiedImageError, OSError):
+            raise ValueError(f"{described['image']}: not an image that PIL can read") from None
+    return encode_images(clip, clip.preprocess(image.convert("RGB"))[None])[0], described
 
 
 def parse_steer(spec: str, table: ConceptTable | None) -> Edit:
