@@ -24,6 +24,7 @@ EPILOG = """examples:
   msae serve --sae runs/msae_rw --data emb/in1k_val --concepts concepts.json   # the concept browser
   msae dashboard --sae runs/msae_rw --data emb/in1k_val --concepts concepts.json --out site/
   msae bench hierarchy --out bench/hierarchy   # recovery and absorption of a known feature hierarchy
+  msae bench hierarchy-text --out bench/text  # the same on WordNet text: do coarse concepts enter at small k?
   msae publish --sae runs/msae_rw_x8 --repo you/msae-clip-vitl14-rw --dry-run --out release/
 each command's --help lists its options; docs/ has a page per stage."""
 
