@@ -173,9 +173,9 @@ class BenchSize:
     branching: int = 3
     depth: int = 2
     exclusive: float = 0.5  # fraction of parents whose children are mutually exclusive
-    train_rows: int = 40_000
+    train_rows: int = 100_000
     eval_rows: int = 4_000
-    epochs: int = 5
+    epochs: int = 15
     batch_size: int = 512
 
 
@@ -225,7 +225,7 @@ def synthetic_hierarchy(size: BenchSize, seed: int = 0):
     return model, Forest.from_roots(model.hierarchy.roots, size.num_features)
 
 
-def run_hierarchy_bench(out_dir: str | Path, *, l0_targets: Sequence[int] = (8, 16), seeds: Sequence[int] = (0, 1, 2),
+def run_hierarchy_bench(out_dir: str | Path, *, l0_targets: Sequence[int] = (4, 8, 16), seeds: Sequence[int] = (0, 1, 2),
                         size: BenchSize | None = None, families: Sequence[str] | None = None,
                         progress: bool = True) -> dict[str, Any]:
     """Train every family (FAMILY) at every target L0 and seed in one data pass on synthetic

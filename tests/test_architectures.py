@@ -387,11 +387,12 @@ def test_matryoshka_topk_loss_equals_one_decode_per_level():
         reference_loss,
     )
 
-    for recon, levels, weight, gather in (("mse", [1, 3], 1.0, 0.0), ("nmse", [2], 0.5, 1.0), ("mse", [], 2.0, 0.0)):
+    for recon, levels, weight, gather, reselect in (("mse", [1, 3], 1.0, 0.0, False), ("nmse", [2], 0.5, 1.0, False),
+                                                    ("mse", [], 2.0, 0.0, True), ("mse", [2], 1.0, 1.0, True)):
         nested_topk.GATHER_FRACTION["cpu"] = gather  # segments by GEMM, then by embedding_bag
         try:
             sae = make(MatryoshkaTopKTrainingSAE, MatryoshkaTopKTrainingSAEConfig, k=6, k_levels=levels,
-                       inner_weight=weight, dtype="float64", recon_loss=recon)
+                       inner_weight=weight, reselect=reselect, prefixes=[2, 16, 32], dtype="float64", recon_loss=recon)
             with torch.no_grad():
                 for p in sae.parameters():
                     p.add_(torch.randn_like(p) * 0.3)

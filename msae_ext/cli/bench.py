@@ -20,7 +20,7 @@ def add_commands(sub) -> None:
                     "parent latent's miss rate when the parent fires alone, and the nesting level at which each "
                     "depth's latents enter. Writes hierarchy.json, hierarchy.md and hierarchy.png.")
     h.add_argument("--out", required=True)
-    h.add_argument("--l0", default="8,16", help="target L0s, comma-separated (default 8,16)")
+    h.add_argument("--l0", default="4,8,16", help="target L0s, comma-separated (default 4,8,16; the data's mean is about 4)")
     h.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated (default 0,1,2)")
     h.add_argument("--families", help="architectures, comma-separated (default all: TopK, BatchTopK, MSAE (RW), "
                                       "MSAE (UW), Matryoshka BatchTopK, HierarchicalTopK, Matryoshka TopK, ReLU, "
