@@ -213,6 +213,10 @@ FAMILY = {
 
 def synthetic_hierarchy(size: BenchSize, seed: int = 0):
     """sae-lens's synthetic model with a forest of `roots` trees: (model, forest)."""
+    in_trees = size.roots * sum(size.branching ** d for d in range(size.depth + 1))
+    if in_trees > size.num_features:
+        raise ValueError(f"{size.roots} trees of branching {size.branching} and depth {size.depth} need "
+                         f"{in_trees} features, more than num_features={size.num_features}")
     from sae_lens.synthetic import HierarchyConfig, SyntheticModel, SyntheticModelConfig, ZipfianFiringProbabilityConfig
 
     cfg = SyntheticModelConfig(
@@ -261,7 +265,7 @@ def run_hierarchy_bench(out_dir: str | Path, *, l0_targets: Sequence[int] = (4, 
                 entries.append({"name": name, "seed": seed, **FAMILY[fam].entry(t)})
                 members.append((fam, t, seed, name))
     cfg = TrainConfig.from_dict(dict(train_data=str(out / "data" / "train.npy"), architecture="topk",
-                                     expansion_factor=size.num_features // size.hidden_dim, epochs=size.epochs,
+                                     d_sae=size.num_features, epochs=size.epochs,
                                      batch_size=size.batch_size, eval_every=0, checkpoint_every=0, final_eval=False,
                                      saes=entries))
     train_many(cfg, out / "runs", resume=True, progress=progress)
@@ -315,7 +319,7 @@ def hierarchy_markdown(summary: list[dict[str, Any]]) -> str:
             + " | absorption ↓ | parent-alone miss ↓ | FVU ↓ | nesting level k by depth |")
     lines = [head, "|" + "---:|---|" + "---:|" * (5 + len(depths)) + "---|"]
     for s in summary:
-        nest = ", ".join(f"{d}: {v:g}" for d, v in s["nesting_level_by_depth"].items())
+        nest = ", ".join(f"{d}: {v:.3g}" for d, v in s["nesting_level_by_depth"].items())
         lines.append(f"| {s['l0']} | {s['family']} | {cell(s, 'mcc')} | {cell(s, 'recovered')} | "
                      + " | ".join(f"{s['recovered_by_depth'].get(d, float('nan')):.3f}" for d in depths)
                      + f" | {cell(s, 'absorption')} | {cell(s, 'parent_alone_miss')} | {cell(s, 'fvu')} | {nest} |")

@@ -10,8 +10,8 @@ architecture of `hierarchy.FAMILY` trains in one data pass at each target L0, an
     fvu            fraction of variance unexplained on the held-out verbs
     dead           fraction of latents that never fire on them
     valid          latents whose name passes every validation of section 5.1
-    nesting        per latent, the median Matryoshka level k (powers of two) at which it enters
-                   its rows' top-k; over the latents named by a WordNet noun (best concept at
+    nesting        per latent, its typical Matryoshka level k: the geometric mean, over the rows
+                   it fires on, of the smallest power of two k whose top-k holds it; over the latents named by a WordNet noun (best concept at
                    cosine >= `NAMED_AT`), Spearman's rho between that level and the noun's depth:
                    positive when coarse concepts enter at small k, as the paper's hierarchy claims
 """
@@ -96,8 +96,9 @@ def run_text_hierarchy(out_dir: str | Path, *, l0_targets: Sequence[int] = (16, 
             fired = on.any(0).numpy()
             level = np.full(z.shape[1], np.nan)
             if fired.any():
-                masked = torch.where(on, entered, torch.nan)[:, torch.as_tensor(fired)]
-                level[fired] = masked.nanmedian(dim=0).values.numpy()
+                # a geometric mean: power-of-two levels are too coarse for medians to differ
+                logs = torch.where(on, entered.log2(), 0.0)[:, torch.as_tensor(fired)]
+                level[fired] = (2 ** (logs.sum(0) / on[:, torch.as_tensor(fired)].sum(0))).numpy()
             use = named & fired
             rho = float(spearmanr(level[use], depth[use]).statistic) if use.sum() > 2 else None
             cut = np.median(depth[use]) if use.any() else 0  # coarse: at most the named nouns' median depth
@@ -119,7 +120,7 @@ def _examples(level: np.ndarray, best: list, depth: np.ndarray, use: np.ndarray,
     """The named latents that enter earliest and latest, as 'word (depth d, k)'."""
     idx = np.flatnonzero(use)
     order = idx[np.argsort(level[idx], kind="stable")]
-    fmt = [f"{best[j][0]} (depth {depth[j]}, k {level[j]:g})" for j in order]
+    fmt = [f"{best[j][0]} (depth {depth[j]}, k {level[j]:.3g})" for j in order]
     return {"earliest": fmt[:n], "latest": fmt[-n:][::-1]}
 
 
@@ -133,12 +134,12 @@ def text_markdown(rows: list[dict[str, Any]]) -> str:
         return "–" if v is None else format(v, fmt)
 
     lines = ["| L0 | architecture | FVU ↓ | dead | validated names | named latents | ρ(level k, WordNet depth) | "
-             "median k: coarse nouns | median k: fine nouns |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "typical k: coarse nouns | typical k: fine nouns |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     order = list(FAMILY)
     for key in sorted({(r["l0"], r["family"]) for r in rows}, key=lambda k: (k[0], order.index(k[1]))):
         g = [r for r in rows if (r["l0"], r["family"]) == key]
         lines.append(f"| {key[0]} | {key[1]} | {cell(mean(g, 'fvu'))} | {cell(mean(g, 'dead'))} | "
                      f"{cell(mean(g, 'valid'), '.0f')} | {cell(mean(g, 'named'), '.0f')} | "
-                     f"{cell(mean(g, 'rho_level_depth'), '+.3f')} | {cell(mean(g, 'level_shallow'), 'g')} | "
-                     f"{cell(mean(g, 'level_deep'), 'g')} |")
+                     f"{cell(mean(g, 'rho_level_depth'), '+.3f')} | {cell(mean(g, 'level_shallow'), '.3g')} | "
+                     f"{cell(mean(g, 'level_deep'), '.3g')} |")
     return "\n".join(lines) + "\n"

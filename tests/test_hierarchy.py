@@ -108,18 +108,21 @@ def test_msae_bench_hierarchy_end_to_end(tmp_path, capsys):
 
     out = tmp_path / "bench"
     assert msae_cli.main(["bench", "hierarchy", "--quick", "--out", str(out), "--l0", "4,8", "--seeds", "0",
-                          "--families", "TopK,MSAE (RW)", "--no-progress"]) == 0
+                          "--families", "TopK,MSAE (RW)", "--depth", "1", "--hidden-dim", "24", "--no-progress"]) == 0
     doc = json.loads((out / "hierarchy.json").read_text())
+    assert (doc["size"]["depth"], doc["size"]["hidden_dim"], doc["size"]["num_features"]) == (1, 24, 64)
     # TopK is trained per target; MSAE once, then read at each target's top-k
     assert sorted((r["family"], r["l0"]) for r in doc["runs"]) == [("MSAE (RW)", 4), ("MSAE (RW)", 8),
                                                                    ("TopK", 4), ("TopK", 8)]
     assert {p.name for p in (out / "runs").iterdir() if p.is_dir()} == {"topk_t4_s0", "topk_t8_s0", "msae_rw_t8_s0"}
     for r in doc["runs"]:
-        assert 0 <= r["absorption"] <= 1 and 0 <= r["mcc"] <= 1 and set(r["recovered_by_depth"]) == {"0", "1", "2"}
+        assert 0 <= r["absorption"] <= 1 and 0 <= r["mcc"] <= 1 and set(r["recovered_by_depth"]) == {"0", "1"}
     assert (out / "hierarchy.png").stat().st_size > 0
     assert "| 8 | MSAE (RW) |" in capsys.readouterr().out
     assert msae_cli.main(["bench", "hierarchy", "--out", str(out), "--families", "Sparse PCA"]) == 2
     assert "unknown families ['Sparse PCA']" in capsys.readouterr().err
+    assert msae_cli.main(["bench", "hierarchy", "--out", str(out), "--roots", "100"]) == 2
+    assert "100 trees of branching 3 and depth 2 need 1300 features" in capsys.readouterr().err
 
 
 def test_bench_help_names_every_family(capsys):

@@ -26,6 +26,12 @@ def add_commands(sub) -> None:
                                       "MSAE (UW), Matryoshka BatchTopK, HierarchicalTopK, Matryoshka TopK, ReLU, "
                                       "JumpReLU)")
     h.add_argument("--features", type=positive_int, help="number of true features (default 256)")
+    h.add_argument("--hidden-dim", type=positive_int, help="dimension of the data (default 64)")
+    h.add_argument("--roots", type=positive_int, help="number of trees (default 16)")
+    h.add_argument("--branching", type=positive_int, help="children per parent (default 3)")
+    h.add_argument("--depth", type=positive_int, help="levels below the roots (default 2)")
+    h.add_argument("--train-rows", type=positive_int, help="training rows (default 100,000)")
+    h.add_argument("--epochs", type=positive_int, help="passes over the training rows (default 15)")
     h.add_argument("--quick", action="store_true", help="small sizes (under a minute), for smoke tests")
     h.add_argument("--no-progress", action="store_true")
     h.set_defaults(func=run_hierarchy)
@@ -64,8 +70,9 @@ def run_hierarchy(args: argparse.Namespace) -> int:
     from ..hierarchy import BENCH_QUICK, BenchSize, run_hierarchy_bench
 
     size = BENCH_QUICK if args.quick else BenchSize()
-    if args.features:
-        size = replace(size, num_features=args.features)
+    sizes = {"num_features": args.features, "hidden_dim": args.hidden_dim, "roots": args.roots,
+             "branching": args.branching, "depth": args.depth, "train_rows": args.train_rows, "epochs": args.epochs}
+    size = replace(size, **{k: v for k, v in sizes.items() if v is not None})
     result = run_hierarchy_bench(args.out, l0_targets=l0, seeds=seeds, size=size,
                                  families=split_list(args.families) or None, progress=not args.no_progress)
     from ..hierarchy import hierarchy_markdown
