@@ -211,6 +211,24 @@ FAMILY = {
 }
 
 
+def family_runs(families: Sequence[str] | None, l0_targets: Sequence[int], seeds: Sequence[int],
+                **overrides: Any) -> tuple[list[dict[str, Any]], list[tuple[str, int, int, str]]]:
+    """The run-config entries of every family (default all of FAMILY) at every target L0 and seed,
+    and per entry (family, trained L0, seed, run name); a t-free family trains once per seed."""
+    families = list(families or FAMILY)
+    unknown = [f for f in families if f not in FAMILY]
+    if unknown:
+        raise ValueError(f"unknown families {unknown}; choose from {list(FAMILY)}")
+    entries, members = [], []
+    for seed in seeds:
+        for fam in families:
+            for t in ([max(l0_targets)] if FAMILY[fam].t_free else l0_targets):
+                name = f"{FAMILY[fam].slug}_t{t}_s{seed}"
+                entries.append({"name": name, "seed": seed, **FAMILY[fam].entry(t), **overrides})
+                members.append((fam, t, seed, name))
+    return entries, members
+
+
 def synthetic_hierarchy(size: BenchSize, seed: int = 0):
     """sae-lens's synthetic model with a forest of `roots` trees: (model, forest)."""
     in_trees = size.roots * sum(size.branching ** d for d in range(size.depth + 1))
@@ -245,10 +263,7 @@ def run_hierarchy_bench(out_dir: str | Path, *, l0_targets: Sequence[int] = (4, 
     from .train import train_many
 
     size = size or BenchSize()
-    families = list(families or FAMILY)
-    unknown = [f for f in families if f not in FAMILY]
-    if unknown:
-        raise ValueError(f"unknown families {unknown}; choose from {list(FAMILY)}")
+    entries, members = family_runs(families, l0_targets, seeds)
     out = Path(out_dir)
     (out / "data").mkdir(parents=True, exist_ok=True)
     model, forest = synthetic_hierarchy(size)
@@ -257,13 +272,6 @@ def run_hierarchy_bench(out_dir: str | Path, *, l0_targets: Sequence[int] = (4, 
     x_eval, f_eval = model.sample_with_features(size.eval_rows)
     np.save(out / "data" / "train.npy", x_train.numpy().astype(np.float32))
     truth = model.feature_dict.feature_vectors.detach()
-    entries, members = [], []
-    for seed in seeds:
-        for fam in families:
-            for t in ([max(l0_targets)] if FAMILY[fam].t_free else l0_targets):
-                name = f"{FAMILY[fam].slug}_t{t}_s{seed}"
-                entries.append({"name": name, "seed": seed, **FAMILY[fam].entry(t)})
-                members.append((fam, t, seed, name))
     cfg = TrainConfig.from_dict(dict(train_data=str(out / "data" / "train.npy"), architecture="topk",
                                      d_sae=size.num_features, epochs=size.epochs,
                                      batch_size=size.batch_size, eval_every=0, checkpoint_every=0, final_eval=False,

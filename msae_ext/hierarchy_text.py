@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .hierarchy import FAMILY, entry_levels
+from .hierarchy import FAMILY, entry_levels, family_runs
 
 #: a latent counts as named by its best vocabulary word from this cosine on (the validation of
 #: section 5.1 uses 0.42; this keeps more latents for the correlation)
@@ -52,22 +52,12 @@ def run_text_hierarchy(out_dir: str | Path, *, l0_targets: Sequence[int] = (16, 
     from .store import open_embeddings, read_all
     from .train import train_many
 
-    families = list(families or FAMILY)
-    unknown = [f for f in families if f not in FAMILY]
-    if unknown:
-        raise ValueError(f"unknown families {unknown}; choose from {list(FAMILY)}")
+    entries, members = family_runs(families, l0_targets, seeds, lr=lr)
     out = Path(out_dir)
     clip = load_clip("wordllama")
     caches = {role: out / "data" / spec.replace(":", "_") for role, spec in (("train", train), ("eval", eval))}
     for role, spec in (("train", train), ("eval", eval)):
         embed_dataset(open_items(spec), clip, caches[role], modality="text", progress=progress)
-    entries, members = [], []
-    for seed in seeds:
-        for fam in families:
-            for t in ([max(l0_targets)] if FAMILY[fam].t_free else l0_targets):
-                name = f"{FAMILY[fam].slug}_t{t}_s{seed}"
-                entries.append({"name": name, "seed": seed, **FAMILY[fam].entry(t), "lr": lr})
-                members.append((fam, t, seed, name))
     cfg = TrainConfig.from_dict(dict(train_data=str(caches["train"]), modality="text", architecture="topk",
                                      expansion_factor=expansion_factor, epochs=epochs, batch_size=1024,
                                      eval_every=0, checkpoint_every=0, final_eval=False, saes=entries))

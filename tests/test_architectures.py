@@ -57,9 +57,22 @@ def test_alphas():
 K_ARCHS = ("topk", "batchtopk", "matryoshka", "matryoshka_topk")
 
 
-def make(arch_cls, cfg_cls, **kw):
+def make(arch_cls, cfg_cls, perturb=False, **kw):
+    """A seeded 8 -> 32 SAE; `perturb`: its parameters moved off the paper's initialisation (tied
+    weights, zero biases), so that every gradient is exercised."""
     torch.manual_seed(0)
-    return arch_cls(cfg_cls(d_in=8, d_sae=32, **kw))
+    sae = arch_cls(cfg_cls(d_in=8, d_sae=32, **kw))
+    if perturb:
+        with torch.no_grad():
+            for p in sae.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+    return sae
+
+
+def assert_loss_and_grads_equal(loss, ref_loss, params):
+    torch.testing.assert_close(loss, ref_loss)
+    for g, e in zip(torch.autograd.grad(loss, params, retain_graph=True), torch.autograd.grad(ref_loss, params)):
+        torch.testing.assert_close(g, e)
 
 
 @pytest.mark.parametrize("name", TRAINED)
@@ -77,10 +90,7 @@ def test_encoder_gradients_equal_plain_autograd(name):
     """hidden_pre gives b_dec its gradient through the vector -b_dec W_enc (one vector-matrix product);
     every parameter's gradient of a full training loss equals autograd's through (x - b_dec) @ W_enc + b_enc."""
     sae_cls, cfg_cls = ARCHITECTURES[name].training_sae, ARCHITECTURES[name].training_config
-    sae = make(sae_cls, cfg_cls, dtype="float64", **({"k": 4} if name in K_ARCHS else {}))
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
+    sae = make(sae_cls, cfg_cls, dtype="float64", **({"k": 4} if name in K_ARCHS else {}), perturb=True)
     x = torch.randn(6, 8, dtype=torch.float64)
     params = list(sae.parameters())
     loss = sae.training_forward_pass(step_input(x)).loss
@@ -109,10 +119,7 @@ def test_encoder_gradients_equal_plain_autograd(name):
 def test_encoder_gradients_under_autocast():
     """Under bf16 autocast the encoder GEMMs run in bf16 in forward and backward, as autograd's
     would; b_dec's gradient (summed first, float32) is at least as close to the float32 one."""
-    sae = make(ReLUTrainingSAE, ReLUTrainingSAEConfig)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
+    sae = make(ReLUTrainingSAE, ReLUTrainingSAEConfig, perturb=True)
     x = torch.randn(64, 8)
     params = list(sae.parameters())
     ref = torch.autograd.grad(sae.training_forward_pass(step_input(x)).loss, params)
@@ -153,10 +160,7 @@ def naive_msae_loss(x, W_enc, b_enc, W_dec, b_dec, k_list, alphas, cap=None, nms
     dict(weighting="rw", k_min=4, recon_loss="nmse", normalize_by_alpha_sum=True),
 ])
 def test_msae_loss_matches_naive_math(kw):
-    sae = make(MSAETrainingSAE, MSAETrainingSAEConfig, dtype="float64", **kw)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
+    sae = make(MSAETrainingSAE, MSAETrainingSAEConfig, dtype="float64", **kw, perturb=True)
     x = torch.randn(6, 8, dtype=torch.float64)
     out = sae.training_forward_pass(step_input(x))
     expected = naive_msae_loss(
@@ -356,20 +360,13 @@ def test_matryoshka_prefix_loss_equals_one_decode_per_prefix():
     from msae_ext.architectures.matryoshka import MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig, reference_loss
 
     for recon in ("mse", "nmse"):
-        sae = make(MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig, k=4, dtype="float64", recon_loss=recon)
+        sae = make(MatryoshkaTrainingSAE, MatryoshkaTrainingSAEConfig, k=4, dtype="float64", recon_loss=recon,
+                   perturb=True)
         assert sae.cfg.prefixes == [2, 4, 8, 16, 32]
-        with torch.no_grad():
-            for p in sae.parameters():
-                p.add_(torch.randn_like(p) * 0.3)
         x = torch.randn(6, 8, dtype=torch.float64)
-        params = list(sae.parameters())
         out = sae.training_forward_pass(step_input(x))
         assert set(out.losses) >= {"recon_loss", "recon_loss_2", "recon_loss_16"}
-        fast = torch.autograd.grad(out.loss, params)
-        ref_loss = reference_loss(sae, x)
-        torch.testing.assert_close(out.loss, ref_loss)
-        for g, e in zip(fast, torch.autograd.grad(ref_loss, params)):
-            torch.testing.assert_close(g, e)
+        assert_loss_and_grads_equal(out.loss, reference_loss(sae, x), list(sae.parameters()))
     with pytest.raises(ValueError, match="prefixes must increase strictly"):
         MatryoshkaTrainingSAEConfig(d_in=8, d_sae=32, k=4, prefixes=[8, 4, 32])
     with pytest.raises(ValueError, match="to d_sae=32"):
@@ -391,23 +388,15 @@ def test_matryoshka_topk_loss_equals_one_decode_per_level():
                                                     ("mse", [], 2.0, 0.0, True), ("mse", [2], 1.0, 1.0, True)):
         nested_topk.GATHER_FRACTION["cpu"] = gather  # segments by GEMM, then by embedding_bag
         try:
-            sae = make(MatryoshkaTopKTrainingSAE, MatryoshkaTopKTrainingSAEConfig, k=6, k_levels=levels,
+            sae = make(MatryoshkaTopKTrainingSAE, MatryoshkaTopKTrainingSAEConfig, k=6, k_levels=levels, perturb=True,
                        inner_weight=weight, reselect=reselect, prefixes=[2, 16, 32], dtype="float64", recon_loss=recon)
-            with torch.no_grad():
-                for p in sae.parameters():
-                    p.add_(torch.randn_like(p) * 0.3)
             x = torch.randn(7, 8, dtype=torch.float64)
-            params = list(sae.parameters())
             out = sae.training_forward_pass(step_input(x))
             assert {f"k_{k}" for k in levels} | {"prefix_2", "prefix_16"} <= set(out.losses)
             assert int((out.feature_acts > 0).sum(-1).max()) <= 6
-            fast = torch.autograd.grad(out.loss, params)
+            assert_loss_and_grads_equal(out.loss, reference_loss(sae, x), list(sae.parameters()))
         finally:
             nested_topk.GATHER_FRACTION["cpu"] = 1 / 10
-        ref_loss = reference_loss(sae, x)
-        torch.testing.assert_close(out.loss, ref_loss)
-        for g, e in zip(fast, torch.autograd.grad(ref_loss, params)):
-            torch.testing.assert_close(g, e)
     with pytest.raises(ValueError, match="k_levels must increase strictly from 1 to below k=4"):
         MatryoshkaTopKTrainingSAEConfig(d_in=8, d_sae=32, k=4, k_levels=[2, 4])
     with pytest.raises(ValueError, match="prefixes must increase strictly"):
