@@ -130,6 +130,28 @@ def test_bad_input_is_named(browsed, browser, tmp_path):
     assert msae_cli.main(["serve", "--sae", str(root / "sae"), "--data", str(tmp_path / "wide.npy")]) == 2
 
 
+def test_native_protocol_browses_a_topk_sae_at_its_k(browsed, tmp_path):
+    """--protocol native encodes with the architecture's own activation: every row of a TopK SAE
+    has k active latents, in an index of its own beside the paper protocol's (ReLU only)."""
+    root, _ = browsed
+    cfg = TrainConfig.from_dict(dict(architecture="topk", k=4, train_data=str(root / "cache"), expansion_factor=1,
+                                     epochs=5, batch_size=40, lr=2e-3, modality="text", eval_every=0,
+                                     checkpoint_every=0, final_eval=False, seed=0))
+    train(cfg, tmp_path / "topk", resume=False, progress=False)
+    native = open_browser(tmp_path / "topk", root / "cache", protocol="native", progress=False)
+    paper = open_browser(tmp_path / "topk", root / "cache", progress=False)
+    assert (native.info()["protocol"], paper.info()["protocol"]) == ("native", "paper")
+    assert [native.query(row=r)["l0"] for r in range(0, 120, 17)] == [4] * 8
+    assert paper.query(row=0)["l0"] > 4
+    assert sum(e["frequency"] for e in native.latents(limit=None)) == pytest.approx(4, abs=1e-2)
+    assert len(list((tmp_path / "topk" / "browser_index").iterdir())) == 2
+    # the command line passes it on: the static site's header data says which protocol it shows
+    assert msae_cli.main(["dashboard", "--sae", str(tmp_path / "topk"), "--data", str(root / "cache"),
+                          "--protocol", "native", "--out", str(tmp_path / "site"), "--no-progress"]) == 0
+    site_info = (tmp_path / "site" / "data" / "info.js").read_text()
+    assert '"protocol": "native"' in site_info and f"--data {root / 'cache'} --protocol native" in site_info
+
+
 @pytest.fixture(scope="module")
 def served(browser):
     server = make_server(browser, port=0)

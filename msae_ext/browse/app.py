@@ -37,22 +37,22 @@ class BrowserError(ValueError):
     """Bad input to the browser: an unknown latent or concept, a query it cannot embed, bad data."""
 
 
-def fingerprint(sae, source, modality: str) -> str:
-    """What an index depends on: the SAE's weights, the data (description and size) and the
-    statistics applied to it. A changed SAE or data set gets a new index."""
+def fingerprint(sae, source, modality: str, protocol: str = "paper") -> str:
+    """What an index depends on: the SAE's weights, the data (description and size), the
+    statistics applied to it and the inference protocol. A changed SAE or data set gets a new index."""
     h = hashlib.sha256()
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         h.update(getattr(sae, name).detach().float().cpu().numpy().tobytes())
     where = Path(source.description)
     h.update(json.dumps([str(where.resolve()) if where.exists() else source.description, source.n_rows,
-                         source.d_in, modality]).encode())
+                         source.d_in, modality, protocol]).encode())
     return h.hexdigest()[:16]
 
 
-def default_index_dir(sae_ref: str | Path, source) -> Path:
-    """browser_index/<data>-<rows> inside an SAE folder; under the msae_ext cache for a release."""
+def default_index_dir(sae_ref: str | Path, source, protocol: str = "paper") -> Path:
+    """browser_index/<data>-<rows>[-native] inside an SAE folder; under the msae_ext cache for a release."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", "_".join(Path(source.description).parts[-2:]))[-60:]
-    name = f"{slug}-{source.n_rows}"
+    name = f"{slug}-{source.n_rows}" + ("" if protocol == "paper" else f"-{protocol}")
     if Path(sae_ref).is_dir():
         return Path(sae_ref) / "browser_index" / name
     cache = Path(os.environ.get("MSAE_CACHE") or Path.home() / ".cache" / "msae_ext")
@@ -61,8 +61,10 @@ def default_index_dir(sae_ref: str | Path, source) -> Path:
 
 class Browser:
     def __init__(self, space: ConceptSpace, rows: RowSet, index: LatentIndex, table: ConceptTable | None = None,
-                 encoder: Any = None, name: str = "SAE"):
+                 encoder: Any = None, name: str = "SAE", protocol: str = "paper", data_name: str | None = None):
         self.space, self.rows, self.index, self.table, self.encoder, self.name = space, rows, index, table, encoder, name
+        self.protocol = protocol  # how the index and queries encode: 'paper' (ReLU only) or 'native'
+        self.data_name = data_name  # the data as the user named it (the index records its resolved path)
         self._lock = threading.Lock()  # one encode at a time: the server answers from several threads
         self._summaries: list[dict[str, Any]] | None = None
         self._list_json: bytes | None = None
@@ -70,8 +72,9 @@ class Browser:
     # -- the pages -----------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         cfg = self.space.sae.cfg
-        return {"name": self.name, "architecture": cfg.architecture(), "d_in": cfg.d_in, "d_sae": cfg.d_sae,
-                "modality": self.space.modality, "data": self.index.meta["data"], "n_rows": self.index.meta["n_rows"],
+        return {"name": self.name, "architecture": cfg.architecture(), "protocol": self.protocol, "d_in": cfg.d_in,
+                "d_sae": cfg.d_sae, "modality": self.space.modality, "data": self.data_name or self.index.meta["data"],
+                "n_rows": self.index.meta["n_rows"],
                 "levels": self.index.meta["levels"], "has_concepts": self.table is not None,
                 "concept_counts": self.table.data.get("counts") if self.table else None,
                 "query_text": self.encoder is not None, "query_image": self._embeds_images(),
@@ -251,14 +254,21 @@ class Browser:
 def open_browser(sae_ref: str | Path, data: str | Path, *, concepts: str | Path | None = None,
                  modality: str | None = None, clip: str | None = None, pretrained: str | None = None,
                  device: str = "cpu", index_dir: str | Path | None = None, rebuild: bool = False,
-                 progress: bool = True) -> Browser:
+                 protocol: str = "paper", progress: bool = True) -> Browser:
     """A Browser over `data` (an `msae embed` cache or a matrix) for an SAE folder or a release,
-    building its latent index on first use (one pass, with a progress bar) and reusing it after."""
+    building its latent index on first use (one pass, with a progress bar) and reusing it after.
+    `protocol`: 'paper' encodes with ReLU only (section 4), 'native' with the architecture's own
+    activation (a TopK SAE's top-k), as `msae eval --protocol`."""
     from ..interpret import open_space
     from ..publish import open_sae
 
     rows = open_rows(data)
     sae, doc = open_sae(sae_ref, device=device, concepts=concepts is None)
+    if hasattr(sae, "set_protocol"):
+        sae.set_protocol(protocol)
+    elif protocol != "paper":
+        raise BrowserError(f"{sae_ref} has no inference protocols (a {sae.cfg.architecture()} SAE); "
+                           "leave --protocol at paper")
     table = ConceptTable.load(concepts) if concepts else (ConceptTable(doc, f"{sae_ref} (published concepts)")
                                                           if doc else None)
     space, table = open_space(sae, modality, table, device)
@@ -270,8 +280,8 @@ def open_browser(sae_ref: str | Path, data: str | Path, *, concepts: str | Path 
         space.encode(torch.zeros(1, space.d_in))
     except ValueError as e:  # no statistics of this modality saved with the SAE
         raise BrowserError(str(e)) from None
-    where = Path(index_dir) if index_dir else default_index_dir(sae_ref, rows.source)
-    key = fingerprint(sae, rows.source, space.modality)
+    where = Path(index_dir) if index_dir else default_index_dir(sae_ref, rows.source, protocol)
+    key = fingerprint(sae, rows.source, space.modality, protocol)
     meta = where / META_FILE
     if rebuild or not meta.exists() or json.loads(meta.read_text()).get("fingerprint") != key:
         if progress:
@@ -286,4 +296,5 @@ def open_browser(sae_ref: str | Path, data: str | Path, *, concepts: str | Path 
 
         encoder = load_clip(clip, pretrained, device=device)
     index = LatentIndex(where, space.sae, table.labels if table else None)
-    return Browser(space, rows, index, table, encoder, name=str(sae_ref))
+    return Browser(space, rows, index, table, encoder, name=str(sae_ref), protocol=protocol,
+                   data_name=str(data))

@@ -33,8 +33,9 @@ def write_dashboard(browser: Browser, out_dir: str | Path, *, max_latents: int |
     (out / "img").mkdir(exist_ok=True)
     listing = browser.latents(sort="frequency")
     exported = listing[:max_latents] if max_latents else listing
-    info = {**browser.info(), "static": True, "exported": len(exported),
-            "serve_command": f"msae serve --sae {browser.name} --data {browser.index.meta['data']}"}
+    info = {**browser.info(), "static": True, "exported": len(exported)}
+    info["serve_command"] = (f"msae serve --sae {browser.name} --data {info['data']}"
+                             + ("" if browser.protocol == "paper" else f" --protocol {browser.protocol}"))
     (out / "data" / "info.js").write_text(_script("info", info), encoding="utf-8")
     (out / "data" / "latents.js").write_text(_script("latents", listing), encoding="utf-8")
     images: set[int] = set()

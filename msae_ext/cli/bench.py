@@ -44,8 +44,8 @@ def add_commands(sub) -> None:
                     "concept names, and, over the latents a WordNet noun names, Spearman's rho between the "
                     "Matryoshka level k at which a latent enters its rows' top-k and the noun's depth in "
                     "WordNet (positive: coarse concepts enter at small k). Writes hierarchy_text.json and .md; "
-                    "`msae serve --sae OUT/runs/RUN --data OUT/data/wordnet_noun --clip wordllama` browses a run "
-                    "with its latents' nesting levels.")
+                    "`msae serve --sae OUT/runs/RUN --data OUT/data/wordnet_noun --clip wordllama --protocol native` "
+                    "browses a run with its latents' nesting levels.")
     t.add_argument("--out", required=True)
     t.add_argument("--l0", default="16,32", help="target L0s, comma-separated (default 16,32)")
     t.add_argument("--seeds", default="0", help="seeds, comma-separated (default 0)")

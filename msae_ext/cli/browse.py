@@ -15,6 +15,9 @@ def _common(p) -> None:
     sae_data_args(p, DATA_HELP)
     p.add_argument("--index-dir", help="where the latent index is cached (default: SAE/browser_index/...)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the latent index even if a cached one matches")
+    p.add_argument("--protocol", choices=("paper", "native"), default="paper",
+                   help="paper: encode with ReLU only (section 4, the default); native: with the architecture's own "
+                        "activation, e.g. a TopK SAE's top-k, to browse it at its trained sparsity")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -50,7 +53,7 @@ def _open(args: argparse.Namespace, clip: str | None = None, pretrained: str | N
 
     return open_browser(args.sae, args.data, concepts=args.concepts, modality=args.modality, clip=clip,
                         pretrained=pretrained, device=args.device, index_dir=args.index_dir, rebuild=args.rebuild,
-                        progress=not args.no_progress)
+                        protocol=args.protocol, progress=not args.no_progress)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -254,7 +254,7 @@ Promise.all([load("info"), load("latents")]).then(([info, latents]) => {
   INFO = info;
   LATENTS = latents;
   document.getElementById("sae-name").textContent =
-    `${info.name} · ${info.architecture} · ${info.d_sae} latents · ${info.n_rows} ${info.modality} rows of ${info.data}`;
+    `${info.name} · ${info.architecture} (${info.protocol === "native" ? "its own activation" : "ReLU only"}) · ${info.d_sae} latents · ${info.n_rows} ${info.modality} rows of ${info.data}`;
   window.addEventListener("hashchange", route);
   route();
 }).catch(e => showError("cannot load the SAE's index: " + e.message));
