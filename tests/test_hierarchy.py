@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from msae_ext.hierarchy import Forest, hierarchy_report, match_features
+from msae_ext.hierarchy import ORACLE, Forest, hierarchy_report, match_features
 
 
 @pytest.fixture
@@ -111,9 +111,14 @@ def test_msae_bench_hierarchy_end_to_end(tmp_path, capsys):
                           "--families", "TopK,MSAE (RW)", "--depth", "1", "--hidden-dim", "24", "--no-progress"]) == 0
     doc = json.loads((out / "hierarchy.json").read_text())
     assert (doc["size"]["depth"], doc["size"]["hidden_dim"], doc["size"]["num_features"]) == (1, 24, 64)
-    # TopK is trained per target; MSAE once, then read at each target's top-k
+    # TopK is trained per target; MSAE once, then read at each target's top-k; the true features'
+    # reference once per target
     assert sorted((r["family"], r["l0"]) for r in doc["runs"]) == [("MSAE (RW)", 4), ("MSAE (RW)", 8),
-                                                                   ("TopK", 4), ("TopK", 8)]
+                                                                   ("TopK", 4), ("TopK", 8),
+                                                                   (ORACLE, 4), (ORACLE, 8)]
+    ref = {r["l0"]: r for r in doc["runs"] if r["family"] == ORACLE}
+    assert all(r["recovered"] == 1 and r["mcc"] == pytest.approx(1) for r in ref.values())
+    assert ref[4]["absorption"] >= ref[8]["absorption"] and ref[4]["fvu"] > ref[8]["fvu"] > 0
     assert {p.name for p in (out / "runs").iterdir() if p.is_dir()} == {"topk_t4_s0", "topk_t8_s0", "msae_rw_t8_s0"}
     for r in doc["runs"]:
         assert 0 <= r["absorption"] <= 1 and 0 <= r["mcc"] <= 1 and set(r["recovered_by_depth"]) == {"0", "1"}

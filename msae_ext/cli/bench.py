@@ -18,7 +18,8 @@ def add_commands(sub) -> None:
                     "L0 (each row keeps its L0 largest activations): MCC, true features recovered at cosine > 0.9 "
                     "(overall and per depth), absorption (a child fires while its parent's latent stays off), the "
                     "parent latent's miss rate when the parent fires alone, and the nesting level at which each "
-                    "depth's latents enter. Writes hierarchy.json, hierarchy.md and hierarchy.png.")
+                    "depth's latents enter; beside them, the same scores of the true features cut to each L0 (what "
+                    "the cut costs the true dictionary itself). Writes hierarchy.json, hierarchy.md and hierarchy.png.")
     h.add_argument("--out", required=True)
     h.add_argument("--l0", default="4,8,16", help="target L0s, comma-separated (default 4,8,16; the data's mean is about 4)")
     h.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated (default 0,1,2)")
