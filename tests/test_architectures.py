@@ -373,7 +373,7 @@ def test_matryoshka_prefix_loss_equals_one_decode_per_prefix():
         MatryoshkaTrainingSAEConfig(d_in=8, d_sae=32, k=4, prefixes=[8, 16])
 
 
-def test_matryoshka_topk_loss_equals_one_decode_per_level():
+def test_matryoshka_topk_loss_equals_one_decode_per_level(monkeypatch):
     """Prefix levels (running decode) and k levels (one sort, rank segments gathered or multiplied)
     against a dense decode of each level: loss and every parameter's gradient, float64; and the
     options it refuses."""
@@ -386,17 +386,14 @@ def test_matryoshka_topk_loss_equals_one_decode_per_level():
 
     for recon, levels, weight, gather, reselect in (("mse", [1, 3], 1.0, 0.0, False), ("nmse", [2], 0.5, 1.0, False),
                                                     ("mse", [], 2.0, 0.0, True), ("mse", [2], 1.0, 1.0, True)):
-        nested_topk.GATHER_FRACTION["cpu"] = gather  # segments by GEMM, then by embedding_bag
-        try:
-            sae = make(MatryoshkaTopKTrainingSAE, MatryoshkaTopKTrainingSAEConfig, k=6, k_levels=levels, perturb=True,
-                       inner_weight=weight, reselect=reselect, prefixes=[2, 16, 32], dtype="float64", recon_loss=recon)
-            x = torch.randn(7, 8, dtype=torch.float64)
-            out = sae.training_forward_pass(step_input(x))
-            assert {f"k_{k}" for k in levels} | {"prefix_2", "prefix_16"} <= set(out.losses)
-            assert int((out.feature_acts > 0).sum(-1).max()) <= 6
-            assert_loss_and_grads_equal(out.loss, reference_loss(sae, x), list(sae.parameters()))
-        finally:
-            nested_topk.GATHER_FRACTION["cpu"] = 1 / 10
+        monkeypatch.setitem(nested_topk.GATHER_FRACTION, "cpu", gather)  # k-level segments by GEMM, or gathered
+        sae = make(MatryoshkaTopKTrainingSAE, MatryoshkaTopKTrainingSAEConfig, k=6, k_levels=levels, perturb=True,
+                   inner_weight=weight, reselect=reselect, prefixes=[2, 16, 32], dtype="float64", recon_loss=recon)
+        x = torch.randn(7, 8, dtype=torch.float64)
+        out = sae.training_forward_pass(step_input(x))
+        assert {f"k_{k}" for k in levels} | {"prefix_2", "prefix_16"} <= set(out.losses)
+        assert int((out.feature_acts > 0).sum(-1).max()) <= 6
+        assert_loss_and_grads_equal(out.loss, reference_loss(sae, x), list(sae.parameters()))
     with pytest.raises(ValueError, match="k_levels must increase strictly from 1 to below k=4"):
         MatryoshkaTopKTrainingSAEConfig(d_in=8, d_sae=32, k=4, k_levels=[2, 4])
     with pytest.raises(ValueError, match="prefixes must increase strictly"):

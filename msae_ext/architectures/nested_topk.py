@@ -102,10 +102,12 @@ def nested_topk_loss_reference(
 
 
 #: a rank segment narrower than this fraction of d_sae is decoded by `embedding_bag`, a wider one
-#: by a GEMM, per device type. On a CPU (two cores, 768 -> 6144 and 512 -> 16384, batch 4096,
-#: benchmarks/train_step.py) gathering pays up to about a tenth of the width. On a GPU a GEMM
-#: runs on tensor cores and a gather is bound by memory: every segment goes by GEMM there.
-GATHER_FRACTION = {"cpu": 1 / 10}
+#: by a GEMM, per device type. On a CPU (two cores, 768 -> 6144, batch 4096, benchmarks/
+#: profile_step.py) a gathered segment costs about a millisecond per entry a row, forward and
+#: backward, and a multiplied one three GEMMs (about 270 ms): gathering pays up to a twentieth of
+#: the width. On a GPU a GEMM runs on tensor cores and a gather is bound by memory: every segment
+#: goes by GEMM there.
+GATHER_FRACTION = {"cpu": 1 / 20}
 
 
 def gather_width(device: torch.device, d_sae: int) -> float:
