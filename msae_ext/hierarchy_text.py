@@ -11,9 +11,10 @@ architecture of `hierarchy.FAMILY` trains in one data pass at each target L0, an
     dead           fraction of latents that never fire on them
     valid          latents whose name passes every validation of section 5.1
     nesting        per latent, its typical Matryoshka level k: the geometric mean, over the rows
-                   it fires on, of the smallest power of two k whose top-k holds it; over the latents named by a WordNet noun (best concept at
-                   cosine >= `NAMED_AT`), Spearman's rho between that level and the noun's depth:
-                   positive when coarse concepts enter at small k, as the paper's hierarchy claims
+                   it fires on, of the smallest power of two k whose top-k holds it; over the
+                   latents named by a WordNet noun (best concept at cosine >= `NAMED_AT`),
+                   Spearman's rho between that level and the noun's depth: positive when coarse
+                   concepts enter at small k, as the paper's hierarchy claims
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ def run_text_hierarchy(out_dir: str | Path, *, l0_targets: Sequence[int] = (16, 
             level = np.full(z.shape[1], np.nan)
             if fired.any():
                 # a geometric mean: power-of-two levels are too coarse for medians to differ
-                logs = torch.where(on, entered.log2(), 0.0)[:, torch.as_tensor(fired)]
-                level[fired] = (2 ** (logs.sum(0) / on[:, torch.as_tensor(fired)].sum(0))).numpy()
+                logs = torch.where(on, entered.log2(), 0.0)
+                level[fired] = (2 ** (logs.sum(0) / on.sum(0)))[torch.as_tensor(fired)].numpy()
             use = named & fired
             rho = float(spearmanr(level[use], depth[use]).statistic) if use.sum() > 2 else None
             cut = np.median(depth[use]) if use.any() else 0  # coarse: at most the named nouns' median depth
