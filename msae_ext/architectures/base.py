@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from typing_extensions import override
 
@@ -41,12 +42,11 @@ def soft_cap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
 def reconstruction_loss(x_hat: torch.Tensor, x: torch.Tensor, kind: Literal["mse", "nmse"]) -> torch.Tensor:
     """Batch mean of the per-sample error: ||x - x_hat||^2 (mse, the paper's L(x), section 3.1), or
     that divided by ||x||^2 (nmse, the normalised MSE the authors' code defaults to)."""
-    err = (x_hat - x).pow(2).sum(dim=-1)
-    if kind == "nmse":
-        err = err / x.pow(2).sum(dim=-1).clamp_min(1e-12)
-    elif kind != "mse":
+    if kind == "mse":  # one fused pass forward and one backward, no (batch, d_in) temporaries
+        return F.mse_loss(x_hat, x, reduction="sum") / x[..., 0].numel()
+    if kind != "nmse":
         raise ValueError(f"unknown recon_loss {kind!r}; expected one of {RECON_LOSSES}")
-    return err.mean()
+    return ((x_hat - x).pow(2).sum(dim=-1) / x.pow(2).sum(dim=-1).clamp_min(1e-12)).mean()
 
 
 def topk_relu(hidden_pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -196,11 +196,12 @@ class PaperTrainingSAE(TrainingSAE[PaperTrainingSAEConfig]):
         (d_sae, d_in) GEMM, a sixth in a step that needs five. The added term is exactly zero; x gets
         no gradient that way, so it is taken only when x needs none."""
         sae_in = self.process_sae_in(x)  # x - b_dec
+        bias = self.b_enc
         if torch.is_grad_enabled() and self.cfg.apply_b_dec_to_input and not x.requires_grad:
-            pre = sae_in.detach() @ self.W_enc + (self.b_enc + (self.b_dec.detach() - self.b_dec) @ self.W_enc)
-        else:
-            pre = sae_in @ self.W_enc + self.b_enc
-        return self.hook_sae_acts_pre(pre)
+            sae_in, bias = sae_in.detach(), bias + (self.b_dec.detach() - self.b_dec) @ self.W_enc
+        if torch.is_autocast_enabled(x.device.type):  # the bf16 GEMM, then the float32 bias: float32 pre
+            return self.hook_sae_acts_pre(sae_in @ self.W_enc + bias)
+        return self.hook_sae_acts_pre(F.linear(sae_in, self.W_enc.T, bias))  # the bias in the GEMM's pass
 
     @override
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -133,7 +133,7 @@ class MSAETrainingSAE(PaperTrainingSAE):
         hidden_pre = self.hidden_pre(x)
         # the step's one host-device synchronisation, here rather than in a nested call so that
         # torch.compile breaks the graph once: it sizes the top-k by the batch (nested_topk.py)
-        n_max = int((hidden_pre > 0).sum(-1).max())
+        n_max = int((hidden_pre > 0).sum(-1, dtype=torch.int32).max())
         sel = select(hidden_pre, self.cfg.k_list, n_max)  # type: ignore[arg-type]
         loss_fn = nested_topk_loss if self.cfg.nested_impl == "fused" else nested_topk_loss_reference
         out = loss_fn(x, hidden_pre, sel, self.W_dec, self.b_dec, self.cfg.k_list, self.cfg.alphas,  # type: ignore[arg-type]
