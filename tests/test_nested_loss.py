@@ -105,6 +105,18 @@ def test_fewer_positive_pre_activations_than_k(decode):
     _check_same(fast, ref, x)
 
 
+def test_frozen_decoder(decode):
+    """With W_dec frozen the backward skips the decoder's gradient; the encoder's still match."""
+    fast, ref = _pair(16, 64, k_list=[4, 8, 16, 64])
+    for sae in (fast, ref):
+        sae.W_dec.requires_grad_(False)
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(5))
+    got, want = _step(fast, x), _step(ref, x)
+    assert _rel(got.loss, want.loss) < RTOL and fast.W_dec.grad is None
+    for name in ("W_enc", "b_enc", "b_dec"):
+        assert _rel(getattr(fast, name).grad, getattr(ref, name).grad) < RTOL, name
+
+
 def test_selection_is_one_descending_top_k_and_collapses_full_levels():
     pre = torch.tensor([[3.0, -1.0, 2.0, 0.5, -2.0, 1.0], [0.1, -1.0, -2.0, -3.0, -4.0, -5.0]])
     assert max_positive(pre) == 4
