@@ -152,14 +152,14 @@ class _Activate(torch.autograd.Function):
         z = soft_cap(pre.relu(), cap)
         values = z.gather(1, indices)
         dt = _gemm_dtype(z, W_dec)
-        outs, buf = [], None
+        W, outs, buf = W_dec.to(dt), [], None
         for lo, hi in wide:
             buf = torch.zeros(z.shape, dtype=dt, device=z.device) if buf is None else buf
             buf.scatter_(1, indices[:, lo:hi], values[:, lo:hi].to(dt))
-            outs.append(buf @ W_dec.to(dt))
+            outs.append(buf @ W)
             buf.scatter_(1, indices[:, lo:hi], 0.0)
         if full:
-            outs.append(z.to(dt) @ W_dec.to(dt))
+            outs.append(z.to(dt) @ W)
         ctx.save_for_backward(z, W_dec, indices, values)
         ctx.wide, ctx.cap, ctx.full, ctx.dt = wide, cap, full, dt
         ctx.mark_non_differentiable(z)
